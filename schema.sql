@@ -1,0 +1,1 @@
+service/herder/sql/schema.sql

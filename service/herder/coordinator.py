@@ -1,0 +1,171 @@
+"""The coordinator: claims PREPARING jobs and fans them out into tasks.
+
+Tasks are written in COPY batches while ``prepare`` runs, so memory stays bounded, but
+they cannot start early: the claim query only joins jobs that are PENDING or IN_PROGRESS,
+and the job becomes PENDING in the transaction that writes the last batch.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import anyio
+import structlog
+
+from herder.kinds import InvalidPayload, JobContext, get_kind, known_kinds
+from herder.signals import Wakeup
+from herder.store import PreparationClaim, Store
+
+log = structlog.get_logger("herder.coordinator")
+
+
+class Coordinator:
+    def __init__(
+        self,
+        store: Store,
+        name: str,
+        *,
+        lease: float,
+        poll_interval: float,
+        max_preparations: int = 2,
+        batch_size: int = 10_000,
+        flush_seconds: float = 0.25,
+    ) -> None:
+        self.store = store
+        self.name = name
+        self.lease = lease
+        self.poll_interval = poll_interval
+        self.batch_size = batch_size
+        self.flush_seconds = flush_seconds
+        self.wakeup = Wakeup()
+        self._slots = anyio.Semaphore(max_preparations)
+        self._scopes: dict[int, anyio.CancelScope] = {}
+        self._stopping = False
+        self.tasks_prepared = 0
+
+    @property
+    def preparing(self) -> list[int]:
+        return list(self._scopes)
+
+    def stop_job(self, job_id: int) -> None:
+        """Stop preparing ``job_id`` now (it was canceled or restarted)."""
+        scope = self._scopes.get(job_id)
+        if scope is not None:
+            scope.cancel()
+
+    async def run(self) -> None:
+        async with anyio.create_task_group() as tg:
+            while not self._stopping:
+                await self._slots.acquire()
+                try:
+                    job = await self.store.claim_preparation(self.name, self.lease)
+                except BaseException:
+                    self._slots.release()
+                    raise
+                if job is None:
+                    self._slots.release()
+                    await self.wakeup.wait(self.poll_interval)
+                    continue
+                self._scopes[job.id] = anyio.CancelScope()
+                tg.start_soon(self._prepare_in_slot, job)
+
+    async def stop(self) -> None:
+        """Stop claiming, interrupt preparations and hand them back for another daemon."""
+        self._stopping = True
+        for job_id in list(self._scopes):
+            self.stop_job(job_id)
+            with anyio.CancelScope(shield=True):
+                await self.store.release_preparation(job_id, self.name)
+
+    async def _prepare_in_slot(self, job: PreparationClaim) -> None:
+        try:
+            with self._scopes[job.id]:
+                await self._prepare(job)
+        finally:
+            del self._scopes[job.id]
+            self._slots.release()
+
+    async def _prepare(self, job: PreparationClaim) -> None:
+        bound = log.bind(job_id=job.id, kind=job.kind)
+        kind = get_kind(job.kind)
+        if kind is None:
+            message = f"unknown kind {job.kind!r} (this daemon knows: {', '.join(known_kinds())})"
+            bound.warning("job failed", reason=message)
+            await self.store.fail_preparation(job, message, run_hook=False)
+            return
+        context = JobContext(
+            id=job.id,
+            kind=job.kind,
+            payload=job.payload,
+            priority=job.priority,
+            owner=job.owner,
+            resume_from=job.prepared,
+            pool=self.store.pool,
+        )
+        bound.info("preparing", resume_from=job.prepared)
+        started = time.monotonic()
+        try:
+            total = await self._write_tasks(job, context, kind.prepare_resumes, kind.max_attempts)
+        except InvalidPayload as exc:
+            await self._fail(job, f"invalid payload: {exc}", bound)
+            return
+        except Exception as exc:  # the kind's code: anything can happen, the daemon goes on
+            bound.exception("prepare raised")
+            await self._fail(job, f"prepare failed: {type(exc).__name__}: {exc}", bound)
+            return
+        if total is None:
+            bound.info("preparation stopped: job canceled, restarted or taken over")
+            return
+        bound.info("prepared", tasks=total, seconds=round(time.monotonic() - started, 3))
+        if total == 0:
+            await self.store.settle([job.id])
+
+    async def _fail(self, job: PreparationClaim, message: str, bound: Any) -> None:
+        bound.warning("job failed", reason=message)
+        await self.store.fail_preparation(job, message, run_hook=True)
+
+    async def _write_tasks(
+        self, job: PreparationClaim, context: JobContext, resumes: bool, max_attempts: int
+    ) -> int | None:
+        """Run prepare and commit its payloads in batches. Returns the task count, or
+        None when the job stopped being ours."""
+        kind = get_kind(job.kind)
+        assert kind is not None
+        seq = job.prepared
+        to_skip = 0 if resumes else job.prepared
+        batch: list[tuple[int, int, Any]] = []
+        last_flush = time.monotonic()
+        payloads = kind.prepare_fn(context)
+        try:
+            async for payload in payloads:
+                if to_skip:
+                    to_skip -= 1
+                    continue
+                _check_json(payload, seq)
+                batch.append((job.id, seq, payload))
+                seq += 1
+                if len(batch) >= self.batch_size or (
+                    time.monotonic() - last_flush >= self.flush_seconds
+                ):
+                    if not await self.store.write_tasks(job, self.name, batch, seq, self.lease):
+                        return None
+                    self.tasks_prepared += len(batch)
+                    batch = []
+                    last_flush = time.monotonic()
+        finally:
+            await payloads.aclose()  # type: ignore[attr-defined]
+        if not await self.store.write_tasks(
+            job, self.name, batch, seq, self.lease, finish_max_attempts=max_attempts
+        ):
+            return None
+        self.tasks_prepared += len(batch)
+        return seq
+
+
+def _check_json(payload: Any, seq: int) -> None:
+    try:
+        json.dumps(payload)
+    except (TypeError, ValueError) as exc:
+        raise InvalidPayload(f"prepare yielded a task payload that is not JSON (task {seq}): {exc}") from exc

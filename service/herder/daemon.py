@@ -1,0 +1,191 @@
+"""The daemon: wires coordinator, worker, hook runner, listener and the periodic sweep in
+one task group, and shuts them down in order."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+
+import anyio
+import anyio.abc
+import structlog
+
+from herder import db
+from herder.coordinator import Coordinator
+from herder.hooks import HookRunner
+from herder.kinds import load_app
+from herder.listener import Listener
+from herder.resilience import TRANSIENT, supervise
+from herder.signals import Wakeup
+from herder.store import Store
+from herder.worker import Worker
+
+log = structlog.get_logger("herder.daemon")
+
+
+@dataclass
+class DaemonConfig:
+    database_url: str
+    concurrency: int = 10
+    apps: list[str] = field(default_factory=list)
+    health_addr: str = "127.0.0.1:9464"
+    lease_seconds: float = 30.0
+    poll_interval: float = 1.0
+    shutdown_timeout: float = 30.0
+    listen: bool = True
+    prefetch: int | None = None
+    name: str | None = None
+
+
+class Daemon:
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.name = config.name or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        for module in config.apps:
+            load_app(module)
+        self.database_ok = False
+        self.started_at = time.monotonic()
+        self._stop = anyio.Event()
+        self._cancel_checks: list[int] = []
+        self._sweep_now = Wakeup()
+        self.store: Store
+        self.worker: Worker
+        self.coordinator: Coordinator
+        self.hooks: HookRunner
+        self.listener: Listener | None = None
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(
+        self,
+        *,
+        handle_signals: bool = False,
+        task_status: anyio.abc.TaskStatus[Daemon] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        cfg = self.config
+        pool = await _create_pool_when_reachable(cfg.database_url, cfg.concurrency)
+        self.database_ok = True
+        try:
+            self.store = Store(pool)
+            self.worker = Worker(
+                self.store,
+                self.name,
+                concurrency=cfg.concurrency,
+                lease=cfg.lease_seconds,
+                poll_interval=cfg.poll_interval,
+                prefetch=cfg.prefetch,
+            )
+            self.coordinator = Coordinator(
+                self.store, self.name, lease=cfg.lease_seconds, poll_interval=cfg.poll_interval
+            )
+            self.hooks = HookRunner(self.store, lease=cfg.lease_seconds, poll_interval=cfg.poll_interval)
+            async with anyio.create_task_group() as tg:
+                if handle_signals:
+                    tg.start_soon(self._signals)
+                if cfg.listen:
+                    self.listener = Listener(cfg.database_url, self._on_notify, self._wake_all)
+                    tg.start_soon(self.listener.run)
+                tg.start_soon(supervise, "coordinator", self.coordinator.run)
+                tg.start_soon(supervise, "hooks", self.hooks.run)
+                tg.start_soon(self._heartbeat)
+                tg.start_soon(self._sweep)
+                await tg.start(self.worker.run)
+                log.info("serving", name=self.name, concurrency=cfg.concurrency, listen=cfg.listen)
+                task_status.started(self)
+                await self._stop.wait()
+                log.info("stopping: no more claims", shutdown_timeout=cfg.shutdown_timeout)
+                await self.coordinator.stop()
+                await self.worker.shutdown(cfg.shutdown_timeout)
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await pool.close()
+        log.info("stopped")
+
+    async def _signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("signal received", signal=signal.Signals(signum).name)
+                self.request_stop()
+
+    def _wake_all(self) -> None:
+        self.worker.wakeup.set()
+        self.coordinator.wakeup.set()
+        self.hooks.wakeup.set()
+
+    def _on_notify(self, channel: str, payload: str) -> None:
+        if channel == "herder_tasks":
+            self.worker.wakeup.set()
+        elif channel == "herder_jobs":
+            self.coordinator.wakeup.set()
+        elif channel == "herder_job_finished":
+            self.hooks.wakeup.set()
+        elif channel == "herder_cancel" and payload.isdigit():
+            job_id = int(payload)
+            self.coordinator.stop_job(job_id)
+            self._cancel_checks.append(job_id)
+            self._sweep_now.set()
+
+    # ------------------------------------------------------------ periodic work
+
+    async def _sweep(self) -> None:
+        """The safety net under every notification: each poll interval (or at once when
+        a cancel arrives) stop tasks of canceled jobs, rescue tasks whose worker died,
+        settle jobs nobody settled, and wake every loop."""
+        while True:
+            try:
+                await self._sweep_once()
+                self.database_ok = True
+            except TRANSIENT as exc:
+                self.database_ok = False
+                log.warning("sweep failed: database unreachable", error=str(exc))
+            await self._sweep_now.wait(self.config.poll_interval)
+
+    async def _sweep_once(self) -> None:
+        checks, self._cancel_checks = self._cancel_checks, []
+        held_jobs = self.worker.held_job_ids
+        stopped = await self.store.jobs_not_running(held_jobs | set(checks))
+        if stopped & held_jobs:
+            self.worker.stop_jobs(stopped & held_jobs)
+        for task_id, job_id, status in await self.store.rescue_expired_tasks():
+            log.warning("rescued task of a lost worker", task_id=task_id, job_id=job_id, now=status)
+        for settled in await self.store.settle(None):
+            log.info(
+                "job settled",
+                job_id=settled.id,
+                kind=settled.kind,
+                status=settled.settlement.status.value,
+                message=settled.settlement.message,
+            )
+        self._wake_all()
+
+    async def _heartbeat(self) -> None:
+        """Renew the leases of everything this daemon holds, one statement each."""
+        interval = self.config.lease_seconds / 3
+        while True:
+            await anyio.sleep(interval)
+            try:
+                await self.store.renew_task_leases(
+                    self.worker.held_task_ids, self.name, self.config.lease_seconds
+                )
+                await self.store.renew_preparations(
+                    self.coordinator.preparing, self.name, self.config.lease_seconds
+                )
+            except TRANSIENT as exc:
+                log.warning("heartbeat failed", error=str(exc))
+
+
+async def _create_pool_when_reachable(url: str, concurrency: int) -> db.Pool:
+    delay = 0.1
+    while True:
+        try:
+            return await db.create_pool(url, min_size=2, max_size=max(6, min(concurrency, 20)))
+        except TRANSIENT as exc:
+            log.warning("database unreachable; retrying", error=str(exc), retry_in=round(delay, 2))
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 5.0)

@@ -1,0 +1,69 @@
+"""Connections, codecs and migration. The only module that knows how to reach PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import asyncpg
+
+from herder.sql import schema_sql
+
+SCHEMA_VERSION = 1
+# Any fixed 64-bit key works; it only has to be the same on every host.
+_MIGRATE_LOCK = 0x6865726465720001
+
+if TYPE_CHECKING:
+    Connection: TypeAlias = asyncpg.Connection[asyncpg.Record]
+    Pool: TypeAlias = asyncpg.Pool[asyncpg.Record]
+else:
+    Connection = asyncpg.Connection
+    Pool = asyncpg.Pool
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+# jsonb's binary wire format is a version byte (1) followed by the JSON text. Binary is
+# what COPY needs, and it spares the server a text round trip.
+def _encode_jsonb(value: Any) -> bytes:
+    return b"\x01" + _dumps(value).encode()
+
+
+def _decode_jsonb(data: bytes) -> Any:
+    return json.loads(data[1:])
+
+
+async def _init_connection(conn: Connection) -> None:
+    await conn.set_type_codec("json", encoder=_dumps, decoder=json.loads, schema="pg_catalog")
+    await conn.set_type_codec(
+        "jsonb",
+        encoder=_encode_jsonb,
+        decoder=_decode_jsonb,
+        schema="pg_catalog",
+        format="binary",
+    )
+
+
+async def connect(url: str, **kwargs: Any) -> Connection:
+    conn: Connection = await asyncpg.connect(url, **kwargs)
+    await _init_connection(conn)
+    return conn
+
+
+async def create_pool(url: str, *, min_size: int = 1, max_size: int = 8) -> Pool:
+    pool = await asyncpg.create_pool(
+        url, min_size=min_size, max_size=max_size, init=_init_connection
+    )
+    assert pool is not None
+    return pool
+
+
+async def migrate(conn: Connection) -> int:
+    """Apply schema.sql; safe to repeat and to run from several hosts at once."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATE_LOCK)
+        await conn.execute(schema_sql())
+        version: int = await conn.fetchval("SELECT max(version) FROM herder.schema_version")
+    return version

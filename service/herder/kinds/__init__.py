@@ -1,0 +1,209 @@
+"""The kind API: how a user teaches herder what a job of some kind means.
+
+A kind has a ``prepare`` that yields one payload per task, a ``process`` that runs one
+task, and optionally an ``on_finished`` hook::
+
+    import herder
+
+    report = herder.Kind("report", max_attempts=5, retry_on=(ConnectionError,), timeout=60)
+
+    @report.prepare
+    async def prepare(job: herder.JobContext) -> AsyncIterator[herder.JSON]:
+        for chunk in range(job.payload["chunks"]):
+            yield {"chunk": chunk}
+
+    @report.process
+    async def process(task: herder.TaskContext) -> herder.JSON:
+        return {"rows": 42}
+
+Creating a ``Kind`` registers it; ``herder run --app mymodule`` imports the module.
+"""
+
+from __future__ import annotations
+
+import importlib
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+if TYPE_CHECKING:
+    from herder.db import Pool
+
+JSON: TypeAlias = Any
+"""A value that json.dumps accepts: dict, list, str, int, float, bool or None."""
+
+
+class Retry(Exception):  # noqa: N818 - it is an instruction, not an error
+    """Raise from ``process`` to run the task again after a backoff.
+
+    ``delay`` overrides the kind's backoff for this retry (seconds).
+    """
+
+    def __init__(self, message: str = "", *, delay: float | None = None) -> None:
+        super().__init__(message)
+        self.delay = delay
+
+
+class InvalidPayload(ValueError):
+    """Raise from ``prepare`` when the job's payload is wrong; the message names the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskWarning:
+    """Returned by ``process`` (via :func:`warn`): the task ends WARNING."""
+
+    message: str
+    result: JSON = None
+
+
+def warn(message: str, result: JSON = None) -> TaskWarning:
+    """End the task as WARNING with ``message`` (and an optional result)."""
+    return TaskWarning(message, result)
+
+
+@dataclass(frozen=True, slots=True)
+class JobContext:
+    """What ``prepare`` sees of its job."""
+
+    id: int
+    kind: str
+    payload: JSON
+    priority: int
+    owner: str
+    #: How many tasks an earlier, interrupted preparation already committed. A kind made
+    #: with ``prepare_resumes=True`` must start yielding at this index; otherwise herder
+    #: skips that many yielded payloads itself (so ``prepare`` must be deterministic).
+    resume_from: int
+    pool: Pool = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskContext:
+    """What ``process`` sees of its task."""
+
+    id: int
+    job_id: int
+    #: The task's 0-based position in its job's preparation.
+    seq: int
+    payload: JSON
+    #: 1 on the first run, counting again from 1 after ``retry_job``.
+    attempt: int
+    max_attempts: int
+    pool: Pool = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class FinishedJob:
+    """What ``on_finished`` sees: the job just settled SUCCESS, WARNING or FAILURE."""
+
+    id: int
+    kind: str
+    payload: JSON
+    status: str
+    message: str | None
+    owner: str
+    pool: Pool = field(repr=False)
+
+
+PrepareFn: TypeAlias = Callable[[JobContext], AsyncIterator[JSON]]
+ProcessFn: TypeAlias = Callable[[TaskContext], Awaitable[JSON]]
+FinishedFn: TypeAlias = Callable[[FinishedJob], Awaitable[None]]
+
+_REGISTRY: dict[str, Kind] = {}
+
+
+class KindError(Exception):
+    """A kind was declared wrongly, or an app could not be loaded."""
+
+
+class Kind:
+    """A kind of job. Decorate its ``prepare``, ``process`` and ``on_finished``."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        max_attempts: int = 3,
+        retry_on: tuple[type[BaseException], ...] = (),
+        timeout: float | None = None,
+        backoff: float = 1.0,
+        max_backoff: float = 300.0,
+        prepare_resumes: bool = False,
+    ) -> None:
+        if not name:
+            raise KindError("a kind needs a name")
+        if max_attempts < 1:
+            raise KindError(f"kind {name!r}: max_attempts must be at least 1")
+        if timeout is not None and timeout <= 0:
+            raise KindError(f"kind {name!r}: timeout must be positive")
+        if name in _REGISTRY:
+            raise KindError(f"kind {name!r} is declared twice")
+        self.name = name
+        self.max_attempts = max_attempts
+        self.retry_on = retry_on
+        self.timeout = timeout
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.prepare_resumes = prepare_resumes
+        self._prepare: PrepareFn | None = None
+        self._process: ProcessFn | None = None
+        self._on_finished: FinishedFn | None = None
+        _REGISTRY[name] = self
+
+    def prepare(self, fn: PrepareFn) -> PrepareFn:
+        self._prepare = fn
+        return fn
+
+    def process(self, fn: ProcessFn) -> ProcessFn:
+        self._process = fn
+        return fn
+
+    def on_finished(self, fn: FinishedFn) -> FinishedFn:
+        self._on_finished = fn
+        return fn
+
+    @property
+    def prepare_fn(self) -> PrepareFn:
+        if self._prepare is None:
+            raise KindError(f"kind {self.name!r} has no prepare function")
+        return self._prepare
+
+    @property
+    def process_fn(self) -> ProcessFn:
+        if self._process is None:
+            raise KindError(f"kind {self.name!r} has no process function")
+        return self._process
+
+    @property
+    def on_finished_fn(self) -> FinishedFn | None:
+        return self._on_finished
+
+    def retry_delay(self, attempt: int) -> float:
+        """Exponential backoff with jitter: about backoff * 2**(attempt-1), capped."""
+        ceiling = min(self.max_backoff, self.backoff * 2 ** max(0, attempt - 1))
+        return random.uniform(ceiling / 2, ceiling)
+
+    def __repr__(self) -> str:
+        return f"Kind({self.name!r})"
+
+
+def get_kind(name: str) -> Kind | None:
+    return _REGISTRY.get(name)
+
+
+def known_kinds() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def unregister(name: str) -> None:
+    """Forget a kind (tests declare throwaway kinds)."""
+    _REGISTRY.pop(name, None)
+
+
+def load_app(module: str) -> None:
+    """Import a user module so that the kinds it declares register themselves."""
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        raise KindError(f"cannot import app module {module!r}: {exc}") from exc

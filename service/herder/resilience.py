@@ -1,0 +1,42 @@
+"""Keep a loop alive across database outages: the daemon never exits because PostgreSQL
+went away for a while."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Awaitable, Callable
+
+import anyio
+import asyncpg
+import structlog
+
+log = structlog.get_logger("herder")
+
+#: Errors that say "the database is unreachable or busy right now", not "this is wrong".
+TRANSIENT: tuple[type[BaseException], ...] = (
+    OSError,  # includes TimeoutError and refused connections
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,  # admin shutdown, pg_terminate_backend
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.SerializationError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.InsufficientResourcesError,
+)
+
+
+async def supervise(name: str, loop: Callable[[], Awaitable[None]]) -> None:
+    """Run ``loop``; on a transient error, back off with jitter and run it again."""
+    delay = 0.05
+    while True:
+        started = time.monotonic()
+        try:
+            await loop()
+            return
+        except TRANSIENT as exc:
+            if time.monotonic() - started > 30:
+                delay = 0.05
+            log.warning("database error; retrying", loop=name, error=f"{type(exc).__name__}: {exc}")
+            await anyio.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, 5.0)

@@ -1,0 +1,275 @@
+-- Every query herder runs, by name. Loaded by herder.sql; parameters are always bound,
+-- never formatted in.
+
+-- ---------------------------------------------------------------- preparation
+
+-- name: claim_preparation
+-- A PREPARING job nobody holds (or whose preparer's lease ran out: it died).
+UPDATE herder.jobs j
+SET preparer = $1, prepare_lease_until = clock_timestamp() + make_interval(secs => $2)
+WHERE j.id = (
+    SELECT id FROM herder.jobs
+    WHERE status = 'PREPARING'
+      AND (prepare_lease_until IS NULL OR prepare_lease_until < clock_timestamp())
+    ORDER BY priority DESC, id
+    LIMIT 1
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING j.id, j.kind, j.payload, j.priority, j.owner, j.generation, j.prepared;
+
+-- name: lock_preparation
+-- Taken before every batch of tasks: the batch is written only while this daemon still
+-- holds this generation's preparation of a PREPARING job. cancel_job waits for it.
+SELECT prepared FROM herder.jobs
+WHERE id = $1 AND generation = $2 AND preparer = $3 AND status = 'PREPARING'
+FOR UPDATE;
+
+-- name: record_prepared
+UPDATE herder.jobs
+SET prepared = $2, prepare_lease_until = clock_timestamp() + make_interval(secs => $3)
+WHERE id = $1;
+
+-- name: finish_preparation
+-- The commit that makes the job's tasks claimable, and wakes the workers.
+WITH done AS (
+    UPDATE herder.jobs
+    SET status = 'PENDING', prepared = $2, prepared_at = clock_timestamp(), preparer = NULL,
+        prepare_lease_until = NULL, max_attempts = $3
+    WHERE id = $1
+    RETURNING id
+)
+SELECT pg_notify('herder_tasks', '') FROM done;
+
+-- name: fail_preparation
+WITH failed AS (
+    UPDATE herder.jobs
+    SET status = 'FAILURE', message = $3, ended_at = clock_timestamp(), preparer = NULL,
+        prepare_lease_until = NULL, finish_pending = $4
+    WHERE id = $1 AND generation = $2 AND status = 'PREPARING'
+    RETURNING id
+), dropped AS (
+    DELETE FROM herder.tasks WHERE job_id IN (SELECT id FROM failed)
+)
+SELECT pg_notify('herder_job_finished', id::text) FROM failed;
+
+-- name: release_preparation
+UPDATE herder.jobs SET preparer = NULL, prepare_lease_until = NULL
+WHERE id = $1 AND preparer = $2 AND status = 'PREPARING';
+
+-- name: renew_preparations
+UPDATE herder.jobs SET prepare_lease_until = clock_timestamp() + make_interval(secs => $3)
+WHERE id = ANY($1::bigint[]) AND preparer = $2 AND status = 'PREPARING';
+
+-- ---------------------------------------------------------------- tasks
+
+-- name: claim_tasks
+-- Claimable means: the task is PENDING and due, and its job is PENDING or IN_PROGRESS in
+-- the same snapshot. A job that is still PREPARING is never joined, so its tasks cannot
+-- start however early they were written. Jobs are walked in priority order (a small,
+-- indexed set); each job's due tasks come from the partial index, oldest first.
+WITH claimed AS (
+    UPDATE herder.tasks t
+    SET status = 'IN_PROGRESS', attempts = t.attempts + 1, started_at = clock_timestamp(),
+        ended_at = NULL, worker = $2,
+        lease_until = clock_timestamp() + make_interval(secs => $3)
+    FROM (
+        SELECT c.id, j.kind, j.status AS job_status, j.max_attempts, j.priority, j.id AS jid
+        FROM herder.jobs j
+        CROSS JOIN LATERAL (
+            SELECT p.id FROM herder.tasks p
+            WHERE p.job_id = j.id AND p.status = 'PENDING'
+              AND (p.run_at IS NULL OR p.run_at <= clock_timestamp())
+            ORDER BY p.id
+            LIMIT $1
+            FOR UPDATE SKIP LOCKED
+        ) c
+        WHERE j.status IN ('PENDING', 'IN_PROGRESS')
+        ORDER BY j.priority DESC, j.id
+        LIMIT $1
+    ) pick
+    WHERE t.id = pick.id
+    RETURNING t.id, t.job_id, t.seq, t.payload, t.attempts, t.attempts_base, pick.kind,
+              pick.job_status, pick.max_attempts, pick.priority
+)
+SELECT * FROM claimed ORDER BY priority DESC, id;
+
+-- name: start_jobs
+-- PENDING -> IN_PROGRESS once a task of the job has started. Locks in id order so two
+-- daemons starting the same jobs cannot deadlock.
+UPDATE herder.jobs j SET status = 'IN_PROGRESS', started_at = clock_timestamp()
+WHERE j.id IN (
+    SELECT id FROM herder.jobs
+    WHERE id = ANY($1::bigint[]) AND status = 'PENDING'
+    ORDER BY id
+    FOR UPDATE
+) AND j.status = 'PENDING';
+
+-- name: complete_tasks
+-- One statement for a whole batch of outcomes. Fenced: an outcome applies only to the
+-- attempt it belongs to, and only while that attempt is still IN_PROGRESS, so a late or
+-- stale worker (cancel, lease lost, job restarted) changes nothing.
+UPDATE herder.tasks t
+SET status = r.status,
+    message = r.message,
+    result = r.result::jsonb,
+    traceback = r.traceback,
+    ended_at = CASE WHEN r.status = 'PENDING' THEN NULL ELSE clock_timestamp() END,
+    run_at = CASE WHEN r.status = 'PENDING'
+                  THEN clock_timestamp() + make_interval(secs => r.delay) END,
+    worker = NULL,
+    lease_until = NULL
+FROM unnest($1::bigint[], $2::int[], $3::text[], $4::text[], $5::text[], $6::text[],
+            $7::float8[]) AS r(id, attempt, status, message, result, traceback, delay)
+WHERE t.id = r.id AND t.attempts = r.attempt AND t.status = 'IN_PROGRESS'
+RETURNING t.id, t.job_id;
+
+-- name: release_tasks
+-- Shutdown: tasks claimed but not finished go back without spending an attempt.
+UPDATE herder.tasks t
+SET status = 'PENDING', attempts = t.attempts - 1, started_at = NULL, worker = NULL,
+    lease_until = NULL
+FROM unnest($1::bigint[], $2::int[]) AS r(id, attempt)
+WHERE t.id = r.id AND t.attempts = r.attempt AND t.status = 'IN_PROGRESS' AND t.worker = $3
+RETURNING t.id;
+
+-- name: renew_task_leases
+-- One statement per heartbeat for everything this daemon holds. Rows being completed
+-- right now are skipped, not waited for.
+UPDATE herder.tasks t SET lease_until = clock_timestamp() + make_interval(secs => $3)
+WHERE t.id IN (
+    SELECT id FROM herder.tasks
+    WHERE id = ANY($1::bigint[]) AND status = 'IN_PROGRESS' AND worker = $2
+    FOR UPDATE SKIP LOCKED
+);
+
+-- name: rescue_expired_tasks
+-- Tasks whose worker died: back to PENDING, FAILURE once the attempts are spent,
+-- CANCELED if their job is being canceled.
+WITH expired AS (
+    SELECT id FROM herder.tasks
+    WHERE status = 'IN_PROGRESS' AND lease_until < clock_timestamp()
+    ORDER BY lease_until
+    LIMIT 1000
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE herder.tasks t
+SET status = CASE
+        WHEN j.status NOT IN ('PENDING', 'IN_PROGRESS') THEN 'CANCELED'
+        WHEN t.attempts - t.attempts_base >= j.max_attempts THEN 'FAILURE'
+        ELSE 'PENDING' END,
+    message = 'worker lost on attempt ' || t.attempts || ' (' || coalesce(t.worker, '?')
+        || ', lease expired)',
+    ended_at = CASE
+        WHEN j.status IN ('PENDING', 'IN_PROGRESS')
+             AND t.attempts - t.attempts_base < j.max_attempts THEN NULL
+        ELSE clock_timestamp() END,
+    worker = NULL,
+    lease_until = NULL
+FROM expired e, herder.jobs j
+WHERE t.id = e.id AND j.id = t.job_id
+RETURNING t.id, t.job_id, t.status;
+
+-- name: jobs_not_running
+-- Of the given jobs, those whose tasks must stop: canceled, restarted or deleted.
+SELECT x.id FROM unnest($1::bigint[]) AS x(id)
+WHERE NOT EXISTS (
+    SELECT 1 FROM herder.jobs j WHERE j.id = x.id AND j.status IN ('PENDING', 'IN_PROGRESS')
+);
+
+-- ---------------------------------------------------------------- settlement
+
+-- name: settle_candidates
+-- Jobs that may be able to settle: nothing runs, and nothing is pending (a CANCELING
+-- job's leftover pending tasks are canceled while settling). $1 NULL means all jobs.
+SELECT j.id FROM herder.jobs j
+WHERE j.status IN ('PENDING', 'IN_PROGRESS', 'CANCELING')
+  AND ($1::bigint[] IS NULL OR j.id = ANY($1::bigint[]))
+  AND NOT EXISTS (SELECT 1 FROM herder.tasks t
+                  WHERE t.job_id = j.id AND t.status = 'IN_PROGRESS')
+  AND (j.status = 'CANCELING' OR NOT EXISTS (
+          SELECT 1 FROM herder.tasks t WHERE t.job_id = j.id AND t.status = 'PENDING'))
+ORDER BY j.id;
+
+-- name: lock_for_settlement
+-- The only lock on a job row taken because of task outcomes, and only when it can be the
+-- last: settlement happens once, under it.
+SELECT status, kind FROM herder.jobs
+WHERE id = $1 AND status IN ('PENDING', 'IN_PROGRESS', 'CANCELING')
+FOR UPDATE;
+
+-- name: cancel_leftover_tasks
+UPDATE herder.tasks SET status = 'CANCELED', ended_at = clock_timestamp(),
+                        message = 'canceled before it started'
+WHERE job_id = $1 AND status = 'PENDING';
+
+-- name: task_counts
+SELECT status, count(*)::bigint AS n FROM herder.tasks WHERE job_id = $1 GROUP BY status;
+
+-- name: apply_settlement
+WITH settled AS (
+    UPDATE herder.jobs
+    SET status = $2, message = $3, ended_at = clock_timestamp(), finish_pending = $4,
+        started_at = coalesce(started_at, clock_timestamp())
+    WHERE id = $1
+    RETURNING id
+)
+SELECT pg_notify('herder_job_finished', id::text) FROM settled WHERE $4;
+
+-- name: claim_finish_hook
+-- The on_finished outbox: a settled job whose hook has not run, for a kind this daemon
+-- knows. The lease lets another daemon run it if this one dies first.
+UPDATE herder.jobs j SET finish_lease_until = clock_timestamp() + make_interval(secs => $2)
+WHERE j.id = (
+    SELECT id FROM herder.jobs
+    WHERE finish_pending AND kind = ANY($1::text[])
+      AND (finish_lease_until IS NULL OR finish_lease_until < clock_timestamp())
+    ORDER BY id
+    LIMIT 1
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING j.id, j.kind, j.payload, j.status, j.message, j.owner;
+
+-- name: finish_hook_done
+UPDATE herder.jobs SET finish_pending = false, finish_lease_until = NULL WHERE id = $1;
+
+-- ---------------------------------------------------------------- control and reading
+
+-- name: submit_job
+INSERT INTO herder.jobs (kind, payload, priority, status) VALUES ($1, $2, $3, $4)
+RETURNING id;
+
+-- name: cancel_job
+SELECT herder.cancel_job($1);
+
+-- name: resume_job
+SELECT herder.resume_job($1);
+
+-- name: retry_job
+SELECT herder.retry_job($1);
+
+-- name: restart_job
+SELECT herder.restart_job($1);
+
+-- name: verify_job
+SELECT herder.verify_job($1);
+
+-- name: get_job
+SELECT j.id, j.kind, j.payload, j.status, j.priority, j.owner, j.message, j.created_at,
+       j.started_at, j.ended_at, p.total, p.pending, p.in_progress, p.success, p.warning,
+       p.failure, p.canceled
+FROM herder.jobs j JOIN herder.job_progress p ON p.job_id = j.id
+WHERE j.id = $1;
+
+-- name: list_jobs
+SELECT j.id, j.kind, j.status, j.priority, j.owner, j.message, j.created_at,
+       j.started_at, j.ended_at
+FROM herder.jobs j
+WHERE ($1::text IS NULL OR j.status = $1)
+ORDER BY j.id DESC
+LIMIT $2;
+
+-- name: job_failures
+SELECT id, seq, status, attempts, message FROM herder.tasks
+WHERE job_id = $1 AND status IN ('FAILURE', 'WARNING')
+ORDER BY ended_at DESC NULLS LAST, id DESC
+LIMIT $2;

@@ -1,0 +1,267 @@
+"""The database behind one interface: every read and write herder makes, as methods.
+
+Coordinator, worker, CLI and tests go through ``Store``; none of them writes SQL. The
+queries themselves live in ``sql/queries.sql``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from herder.db import Pool
+from herder.sql import QUERIES as Q
+from herder.states import JOB_HOOKED, JobStatus, Settlement, TaskCounts, settle
+
+
+@dataclass(frozen=True, slots=True)
+class PreparationClaim:
+    id: int
+    kind: str
+    payload: Any
+    priority: int
+    owner: str
+    generation: int
+    prepared: int
+
+
+@dataclass(slots=True)
+class ClaimedTask:
+    id: int
+    job_id: int
+    seq: int
+    payload: Any
+    attempts: int
+    attempts_base: int
+    kind: str
+    job_status: str
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How one attempt of a task ended; written by ``Store.complete_tasks``."""
+
+    task_id: int
+    job_id: int
+    attempt: int
+    #: A final task status, or PENDING to run again after ``delay`` seconds.
+    status: str
+    message: str | None = None
+    result_json: str | None = None
+    traceback: str | None = None
+    delay: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class SettledJob:
+    id: int
+    kind: str
+    settlement: Settlement
+
+
+@dataclass(frozen=True, slots=True)
+class FinishHookClaim:
+    id: int
+    kind: str
+    payload: Any
+    status: str
+    message: str | None
+    owner: str
+
+
+class Store:
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+
+    # ------------------------------------------------------------ preparation
+
+    async def claim_preparation(self, preparer: str, lease: float) -> PreparationClaim | None:
+        row = await self.pool.fetchrow(Q["claim_preparation"], preparer, lease)
+        return None if row is None else PreparationClaim(**dict(row))
+
+    async def write_tasks(
+        self,
+        job: PreparationClaim,
+        preparer: str,
+        rows: Sequence[tuple[int, int, Any]],
+        prepared: int,
+        lease: float,
+        *,
+        finish_max_attempts: int | None = None,
+    ) -> bool:
+        """Commit a batch of (job_id, seq, payload) while this preparation still holds the
+        job; with ``finish_max_attempts``, also commit the job PENDING in the same
+        transaction. False when the job was canceled, restarted or taken over."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            held = await conn.fetchval(
+                Q["lock_preparation"], job.id, job.generation, preparer
+            )
+            if held is None:
+                return False
+            if rows:
+                await conn.copy_records_to_table(
+                    "tasks",
+                    schema_name="herder",
+                    columns=("job_id", "seq", "payload"),
+                    records=rows,
+                )
+            if finish_max_attempts is None:
+                await conn.execute(Q["record_prepared"], job.id, prepared, lease)
+            else:
+                await conn.execute(Q["finish_preparation"], job.id, prepared, finish_max_attempts)
+        return True
+
+    async def fail_preparation(
+        self, job: PreparationClaim, message: str, *, run_hook: bool
+    ) -> bool:
+        async with self.pool.acquire() as conn, conn.transaction():
+            status = await conn.execute(Q["fail_preparation"], job.id, job.generation, message, run_hook)
+        return status != "SELECT 0"
+
+    async def release_preparation(self, job_id: int, preparer: str) -> None:
+        await self.pool.execute(Q["release_preparation"], job_id, preparer)
+
+    async def renew_preparations(self, job_ids: list[int], preparer: str, lease: float) -> None:
+        if job_ids:
+            await self.pool.execute(Q["renew_preparations"], job_ids, preparer, lease)
+
+    # ------------------------------------------------------------ tasks
+
+    async def claim_tasks(self, limit: int, worker: str, lease: float) -> list[ClaimedTask]:
+        rows = await self.pool.fetch(Q["claim_tasks"], limit, worker, lease)
+        return [
+            ClaimedTask(
+                r["id"],
+                r["job_id"],
+                r["seq"],
+                r["payload"],
+                r["attempts"],
+                r["attempts_base"],
+                r["kind"],
+                r["job_status"],
+            )
+            for r in rows
+        ]
+
+    async def start_jobs(self, job_ids: list[int]) -> None:
+        await self.pool.execute(Q["start_jobs"], job_ids)
+
+    async def complete_tasks(self, outcomes: Sequence[Outcome]) -> list[tuple[int, int]]:
+        """Write outcomes in one statement; return the (task_id, job_id) that applied."""
+        rows = await self.pool.fetch(
+            Q["complete_tasks"],
+            [o.task_id for o in outcomes],
+            [o.attempt for o in outcomes],
+            [o.status for o in outcomes],
+            [o.message for o in outcomes],
+            [o.result_json for o in outcomes],
+            [o.traceback for o in outcomes],
+            [o.delay for o in outcomes],
+        )
+        return [(r["id"], r["job_id"]) for r in rows]
+
+    async def release_tasks(self, held: Iterable[tuple[int, int]], worker: str) -> int:
+        """Hand (task_id, attempt) back to PENDING without spending the attempt."""
+        pairs = list(held)
+        if not pairs:
+            return 0
+        rows = await self.pool.fetch(
+            Q["release_tasks"], [p[0] for p in pairs], [p[1] for p in pairs], worker
+        )
+        return len(rows)
+
+    async def renew_task_leases(self, task_ids: list[int], worker: str, lease: float) -> None:
+        if task_ids:
+            await self.pool.execute(Q["renew_task_leases"], task_ids, worker, lease)
+
+    async def rescue_expired_tasks(self) -> list[tuple[int, int, str]]:
+        rows = await self.pool.fetch(Q["rescue_expired_tasks"])
+        return [(r["id"], r["job_id"], r["status"]) for r in rows]
+
+    async def jobs_not_running(self, job_ids: Iterable[int]) -> set[int]:
+        ids = list(set(job_ids))
+        if not ids:
+            return set()
+        return {r["id"] for r in await self.pool.fetch(Q["jobs_not_running"], ids)}
+
+    # ------------------------------------------------------------ settlement
+
+    async def settle(self, job_ids: Iterable[int] | None = None) -> list[SettledJob]:
+        """Settle every given job (every job, with None) that can settle now.
+
+        The candidate query takes no lock. Only a job that looks finished is locked, and
+        its counts are read under that lock, so two workers finishing a job's last two
+        tasks at once settle it exactly once.
+        """
+        ids = None if job_ids is None else sorted(set(job_ids))
+        if ids == []:
+            return []
+        candidates = [r["id"] for r in await self.pool.fetch(Q["settle_candidates"], ids)]
+        settled = []
+        for job_id in candidates:
+            done = await self._settle_one(job_id)
+            if done is not None:
+                settled.append(done)
+        return settled
+
+    async def _settle_one(self, job_id: int) -> SettledJob | None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(Q["lock_for_settlement"], job_id)
+            if row is None:
+                return None
+            status = JobStatus(row["status"])
+            if status is JobStatus.CANCELING:
+                await conn.execute(Q["cancel_leftover_tasks"], job_id)
+            counts = TaskCounts(
+                **{r["status"].lower(): r["n"] for r in await conn.fetch(Q["task_counts"], job_id)}
+            )
+            settlement = settle(status, counts)
+            if settlement is None:
+                return None
+            await conn.execute(
+                Q["apply_settlement"],
+                job_id,
+                settlement.status.value,
+                settlement.message,
+                settlement.status in JOB_HOOKED,
+            )
+        return SettledJob(job_id, row["kind"], settlement)
+
+    async def claim_finish_hook(self, kinds: list[str], lease: float) -> FinishHookClaim | None:
+        row = await self.pool.fetchrow(Q["claim_finish_hook"], kinds, lease)
+        return None if row is None else FinishHookClaim(**dict(row))
+
+    async def finish_hook_done(self, job_id: int) -> None:
+        await self.pool.execute(Q["finish_hook_done"], job_id)
+
+    # ------------------------------------------------------------ control and reading
+
+    async def submit(
+        self, kind: str, payload: Any, *, priority: int = 0, unverified: bool = False
+    ) -> int:
+        status = JobStatus.UNVERIFIED if unverified else JobStatus.PREPARING
+        job_id: int = await self.pool.fetchval(
+            Q["submit_job"], kind, payload, priority, status.value
+        )
+        return job_id
+
+    async def control(self, action: str, job_id: int) -> bool:
+        """cancel, resume, retry, restart or verify; True when it applied."""
+        if action not in CONTROL_ACTIONS:
+            raise ValueError(f"unknown action {action!r}")
+        applied: bool = await self.pool.fetchval(Q[f"{action}_job"], job_id)
+        return applied
+
+    async def get_job(self, job_id: int) -> dict[str, Any] | None:
+        row = await self.pool.fetchrow(Q["get_job"], job_id)
+        return None if row is None else dict(row)
+
+    async def list_jobs(self, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        return [dict(r) for r in await self.pool.fetch(Q["list_jobs"], status, limit)]
+
+    async def job_problems(self, job_id: int, limit: int = 5) -> list[dict[str, Any]]:
+        return [dict(r) for r in await self.pool.fetch(Q["job_failures"], job_id, limit)]
+
+
+CONTROL_ACTIONS = ("cancel", "resume", "retry", "restart", "verify")

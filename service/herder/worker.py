@@ -1,0 +1,333 @@
+"""The worker side of a daemon: a claimer, N executors and a batching completer.
+
+The claimer keeps a bounded local queue filled with tasks claimed in batches; executors
+run them, each in its own cancel scope; the completer writes outcomes many per statement
+and then settles the jobs that may have finished. Every claimed task is *held* until its
+outcome is written (or it is handed back on shutdown), and the heartbeat renews the
+leases of everything held.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import structlog
+
+from herder.kinds import Kind, Retry, TaskContext, TaskWarning, get_kind
+from herder.resilience import supervise
+from herder.signals import Wakeup
+from herder.states import TaskStatus
+from herder.store import ClaimedTask, Outcome, Store
+
+log = structlog.get_logger("herder.worker")
+
+# Why a running task's scope was cancelled; decides what is written for it.
+_JOB_STOPPED = "job stopped"
+_SHUTDOWN = "shutdown"
+
+
+@dataclass
+class WorkerStats:
+    claimed: int = 0
+    claims: int = 0
+    finished: dict[tuple[str, str], int] = field(default_factory=dict)
+
+
+class Worker:
+    def __init__(
+        self,
+        store: Store,
+        name: str,
+        *,
+        concurrency: int,
+        lease: float,
+        poll_interval: float,
+        prefetch: int | None = None,
+        claim_batch: int = 500,
+        complete_batch: int = 500,
+        flush_seconds: float = 0.002,
+    ) -> None:
+        self.store = store
+        self.name = name
+        self.concurrency = concurrency
+        self.lease = lease
+        self.poll_interval = poll_interval
+        self.prefetch = prefetch or max(4 * concurrency, 256)
+        self.claim_batch = claim_batch
+        self.complete_batch = complete_batch
+        self.flush_seconds = flush_seconds
+        self.wakeup = Wakeup()  # new tasks may be claimable
+        self._capacity = Wakeup()  # held tasks were written back
+        self._work = Wakeup()  # the local queue has tasks
+        self._outcomes_ready = Wakeup()
+        self._queue: deque[ClaimedTask] = deque()
+        self._held: dict[int, ClaimedTask] = {}
+        self._running: dict[int, tuple[anyio.CancelScope, list[str]]] = {}
+        self._outcomes: list[Outcome] = []
+        self._flush_lock = anyio.Lock()
+        self._claiming = True
+        self._executing = True
+        self._next_retry_due = float("inf")
+        self.stats = WorkerStats()
+
+    # ------------------------------------------------------------ introspection
+
+    @property
+    def held_task_ids(self) -> list[int]:
+        return list(self._held)
+
+    @property
+    def held_job_ids(self) -> set[int]:
+        return {t.job_id for t in self._held.values()}
+
+    @property
+    def running_count(self) -> int:
+        return len(self._running)
+
+    # ------------------------------------------------------------ control
+
+    def stop_jobs(self, job_ids: set[int]) -> None:
+        """Cancel the running tasks of jobs that were canceled or restarted."""
+        for task_id, (scope, reason) in list(self._running.items()):
+            task = self._held.get(task_id)
+            if task is not None and task.job_id in job_ids:
+                reason.append(_JOB_STOPPED)
+                scope.cancel()
+        # Tasks still waiting in the local queue are settled when an executor reaches them.
+        for task in self._queue:
+            if task.job_id in job_ids:
+                task.job_status = "STOPPED"
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(supervise, "claimer", self._claimer)
+            tg.start_soon(supervise, "completer", self._completer)
+            task_status.started()
+            async with anyio.create_task_group() as executors:
+                for _ in range(self.concurrency):
+                    executors.start_soon(self._executor)
+            # Executors are done (shutdown): let the completer drain, then stop.
+            self._outcomes_ready.set()
+
+    async def shutdown(self, timeout: float) -> None:
+        """Stop claiming; let running tasks finish for up to ``timeout`` seconds; cancel
+        the rest and hand every unfinished task back to PENDING with its attempt unspent."""
+        self._claiming = False
+        self._executing = False
+        self.wakeup.set()
+        self._work.set()
+        with anyio.move_on_after(timeout):
+            while self._running:
+                await anyio.sleep(0.01)
+        for scope, reason in self._running.values():
+            reason.append(_SHUTDOWN)
+            scope.cancel()
+        while self._running:
+            await anyio.sleep(0.005)
+        with anyio.CancelScope(shield=True):
+            await self._flush()
+            handed_back = await self.store.release_tasks(
+                ((t.id, t.attempts) for t in self._held.values()), self.name
+            )
+        log.info("handed back unfinished tasks", tasks=handed_back)
+        self._held.clear()
+        self._queue.clear()
+
+    # ------------------------------------------------------------ claiming
+
+    async def _claimer(self) -> None:
+        low_water = max(1, min(self.claim_batch, self.prefetch) // 4)
+        while self._claiming:
+            room = self.prefetch - len(self._held)
+            if room < low_water:
+                await self._capacity.wait(self.poll_interval)
+                continue
+            asked = min(room, self.claim_batch)
+            claimed = await self.store.claim_tasks(asked, self.name, self.lease)
+            if not self._claiming:
+                # Shutdown began while the claim was in flight: these never ran.
+                with anyio.CancelScope(shield=True):
+                    await self.store.release_tasks(((t.id, t.attempts) for t in claimed), self.name)
+                return
+            if claimed:
+                self.stats.claims += 1
+                self.stats.claimed += len(claimed)
+                for task in claimed:
+                    self._held[task.id] = task
+                self._queue.extend(claimed)
+                self._work.set()
+                starting = sorted({t.job_id for t in claimed if t.job_status == "PENDING"})
+                if starting:
+                    await self.store.start_jobs(starting)
+            if len(claimed) < asked:
+                await self.wakeup.wait(self._idle_wait())
+
+    def _idle_wait(self) -> float:
+        """Sleep until the poll, or sooner if a retry we scheduled falls due."""
+        due = self._next_retry_due - time.monotonic()
+        if due <= 0:
+            self._next_retry_due = float("inf")
+            return 0
+        return min(self.poll_interval, due + 0.005)
+
+    # ------------------------------------------------------------ executing
+
+    async def _executor(self) -> None:
+        while True:
+            if not self._executing:
+                return
+            if not self._queue:
+                await self._work.wait()
+                continue
+            task = self._queue.popleft()
+            if self._queue:
+                self._work.set()
+            self._record(await self._execute(task))
+
+    async def _execute(self, task: ClaimedTask) -> Outcome | None:
+        attempt = task.attempts - task.attempts_base
+        kind = get_kind(task.kind)
+        if task.job_status == "STOPPED":
+            return self._outcome(task, TaskStatus.CANCELED, "canceled before it started")
+        if kind is None:
+            return self._outcome(task, TaskStatus.FAILURE, f"unknown kind {task.kind!r}")
+        context = TaskContext(
+            id=task.id,
+            job_id=task.job_id,
+            seq=task.seq,
+            payload=task.payload,
+            attempt=attempt,
+            max_attempts=kind.max_attempts,
+            pool=self.store.pool,
+        )
+        scope = anyio.CancelScope()
+        reason: list[str] = []
+        self._running[task.id] = (scope, reason)
+        try:
+            with scope:
+                return self._result_outcome(task, await _call(kind, context))
+            # Only reached when the scope swallowed a cancellation we asked for.
+            if _SHUTDOWN in reason:
+                return None  # handed back by shutdown()
+            return self._outcome(task, TaskStatus.CANCELED, "canceled while running")
+        except TimeoutError:
+            return self._failed(task, kind, attempt, f"timed out after {kind.timeout}s", None, True)
+        except Retry as exc:
+            return self._failed(task, kind, attempt, str(exc) or "retry requested", exc.delay, True)
+        except Exception as exc:
+            retriable = isinstance(exc, kind.retry_on)
+            message = str(exc) or type(exc).__name__
+            return self._failed(task, kind, attempt, message, None, retriable)
+        finally:
+            del self._running[task.id]
+
+    def _result_outcome(self, task: ClaimedTask, value: Any) -> Outcome:
+        status, message = TaskStatus.SUCCESS, None
+        if isinstance(value, TaskWarning):
+            status, message, value = TaskStatus.WARNING, value.message, value.result
+        if value is None:
+            return self._outcome(task, status, message)
+        try:
+            result_json = json.dumps(value, separators=(",", ":"), allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            return self._outcome(
+                task, TaskStatus.FAILURE, f"process returned a result that is not JSON: {exc}"
+            )
+        return self._outcome(task, status, message, result_json=result_json)
+
+    def _failed(
+        self,
+        task: ClaimedTask,
+        kind: Kind,
+        attempt: int,
+        message: str,
+        delay: float | None,
+        retriable: bool,
+    ) -> Outcome:
+        trace = traceback.format_exc()
+        if retriable and attempt < kind.max_attempts:
+            wait = kind.retry_delay(attempt) if delay is None else delay
+            self._next_retry_due = min(self._next_retry_due, time.monotonic() + wait)
+            return self._outcome(
+                task, TaskStatus.PENDING, f"attempt {attempt} failed: {message}", traceback=trace, delay=wait
+            )
+        if retriable:
+            message = f"gave up after {attempt} attempts: {message}"
+        log.warning("task failed", job_id=task.job_id, task_id=task.id, attempt=attempt, error=message)
+        return self._outcome(task, TaskStatus.FAILURE, message, traceback=trace)
+
+    @staticmethod
+    def _outcome(
+        task: ClaimedTask,
+        status: TaskStatus,
+        message: str | None,
+        *,
+        result_json: str | None = None,
+        traceback: str | None = None,
+        delay: float = 0.0,
+    ) -> Outcome:
+        return Outcome(
+            task.id, task.job_id, task.attempts, status.value, message, result_json, traceback, delay
+        )
+
+    def _record(self, outcome: Outcome | None) -> None:
+        if outcome is None:
+            return
+        self._outcomes.append(outcome)
+        self._outcomes_ready.set()
+
+    # ------------------------------------------------------------ completing
+
+    async def _completer(self) -> None:
+        while True:
+            if not self._outcomes:
+                if not self._executing and not self._running:
+                    return
+                await self._outcomes_ready.wait(self.poll_interval)
+                continue
+            if len(self._outcomes) < self.complete_batch:
+                await anyio.sleep(self.flush_seconds)  # let a batch gather
+            await self._flush()
+
+    async def _flush(self) -> None:
+        async with self._flush_lock:
+            await self._flush_locked()
+
+    async def _flush_locked(self) -> None:
+        while self._outcomes:
+            batch = self._outcomes[: self.complete_batch]
+            # Removed only once written: a database outage retries the same batch, and
+            # writing an outcome twice changes nothing (the second is fenced out).
+            applied = await self.store.complete_tasks(batch)
+            del self._outcomes[: len(batch)]
+            for outcome in batch:
+                task = self._held.pop(outcome.task_id, None)
+                key = (task.kind if task else "?", outcome.status)
+                self.stats.finished[key] = self.stats.finished.get(key, 0) + 1
+            self._capacity.set()
+            if len(applied) < len(batch):
+                stale = len(batch) - len(applied)
+                log.info("discarded stale outcomes (canceled, rescued or restarted)", tasks=stale)
+            if any(o.status == TaskStatus.PENDING for o in batch):
+                self.wakeup.set()
+            for settled in await self.store.settle({job_id for _, job_id in applied}):
+                log.info(
+                    "job settled",
+                    job_id=settled.id,
+                    kind=settled.kind,
+                    status=settled.settlement.status.value,
+                    message=settled.settlement.message,
+                )
+
+
+async def _call(kind: Kind, context: TaskContext) -> Any:
+    if kind.timeout is None:
+        return await kind.process_fn(context)
+    with anyio.fail_after(kind.timeout):
+        return await kind.process_fn(context)
