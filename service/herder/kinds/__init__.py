@@ -22,7 +22,9 @@ Creating a ``Kind`` registers it; ``herder run --app mymodule`` imports the modu
 from __future__ import annotations
 
 import importlib
+import os
 import random
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -202,7 +204,13 @@ def unregister(name: str) -> None:
 
 
 def load_app(module: str) -> None:
-    """Import a user module so that the kinds it declares register themselves."""
+    """Import a user module so that the kinds it declares register themselves.
+
+    The working directory is importable, as with ``python -m``: ``herder run --app
+    examples.documents`` works from the project root.
+    """
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         importlib.import_module(module)
     except ImportError as exc:

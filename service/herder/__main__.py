@@ -1,0 +1,3 @@
+from herder.cli import main
+
+raise SystemExit(main())

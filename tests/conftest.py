@@ -1,0 +1,101 @@
+"""PostgreSQL for the tests, provisioned as CONTRACT.md section 1 says:
+TEST_DATABASE_URL if set, else a testcontainers container when a Docker engine answers,
+else an embedded server (pgserver). Each test gets a fresh, migrated database cloned
+from a template, so tests never see each other's jobs."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from herder import db, logs
+from herder.store import Store
+from tests.support import with_database
+
+TEMPLATE = "herder_test_template"
+_counter = itertools.count()
+
+
+def _docker_answers() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.fixture(scope="session")
+def server_url() -> Iterator[str]:
+    """A PostgreSQL superuser URL to the maintenance database of the test server."""
+    logs.configure("WARNING", json=False)
+    if url := os.environ.get("TEST_DATABASE_URL"):
+        yield url
+    elif _docker_answers():
+        from testcontainers.postgres import PostgresContainer
+
+        with PostgresContainer("postgres:16-alpine", driver=None) as container:
+            yield container.get_connection_url()
+    else:
+        import pgserver
+
+        data_dir = tempfile.mkdtemp(prefix="herder-pg-")
+        server = pgserver.get_server(data_dir, cleanup_mode="delete")
+        try:
+            yield server.get_uri()
+        finally:
+            server.cleanup()
+
+
+@pytest.fixture(scope="session")
+async def template_url(server_url: str) -> str:
+    admin = await db.connect(server_url)
+    try:
+        await admin.execute(f"DROP DATABASE IF EXISTS {TEMPLATE} WITH (FORCE)")
+        await admin.execute(f"CREATE DATABASE {TEMPLATE}")
+    finally:
+        await admin.close()
+    url = with_database(server_url, TEMPLATE)
+    conn = await db.connect(url)
+    try:
+        await db.migrate(conn)
+    finally:
+        await conn.close()
+    return url
+
+
+@pytest.fixture
+async def db_url(server_url: str, template_url: str) -> AsyncIterator[str]:
+    """A fresh database with the herder schema, dropped after the test."""
+    name = f"herder_test_{os.getpid()}_{next(_counter)}"
+    admin = await db.connect(server_url)
+    try:
+        await admin.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
+        yield with_database(server_url, name)
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def conn(db_url: str) -> AsyncIterator[db.Connection]:
+    connection = await db.connect(db_url)
+    try:
+        yield connection
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
+async def store(db_url: str) -> AsyncIterator[Store]:
+    pool = await db.create_pool(db_url, min_size=1, max_size=4)
+    try:
+        yield Store(pool)
+    finally:
+        await pool.close()
