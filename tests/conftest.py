@@ -10,11 +10,13 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import pytest
 
 from herder import db, logs
+from herder.kinds import Kind, unregister
 from herder.store import Store
 from tests.support import with_database
 
@@ -99,3 +101,17 @@ async def store(db_url: str) -> AsyncIterator[Store]:
         yield Store(pool)
     finally:
         await pool.close()
+
+
+@pytest.fixture
+def make_kind() -> Iterator[Callable[..., Kind]]:
+    """Declare throwaway kinds for one test; they are forgotten afterwards."""
+    made: list[str] = []
+
+    def make(name: str, **options: Any) -> Kind:
+        made.append(name)
+        return Kind(name, **options)
+
+    yield make
+    for name in made:
+        unregister(name)

@@ -1,0 +1,120 @@
+"""schema.sql and the control functions, straight from SQL as a psql user would."""
+
+from __future__ import annotations
+
+import pytest
+
+from herder import db
+from herder.states import Event, JobStatus, allowed
+
+CONTROLS = {
+    "cancel_job": Event.CANCEL,
+    "resume_job": Event.RESUME,
+    "retry_job": Event.RETRY,
+    "restart_job": Event.RESTART,
+    "verify_job": Event.VERIFY,
+}
+
+
+async def test_migrate_is_idempotent_and_concurrent_safe(db_url: str) -> None:
+    import anyio
+
+    async def apply() -> int:
+        conn = await db.connect(db_url)
+        try:
+            return await db.migrate(conn)
+        finally:
+            await conn.close()
+
+    versions: list[int] = []
+
+    async def record() -> None:
+        versions.append(await apply())
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(4):
+            tg.start_soon(record)
+    assert versions == [db.SCHEMA_VERSION] * 4
+
+
+async def test_insert_from_psql_is_a_complete_submission(conn: db.Connection) -> None:
+    job_id = await conn.fetchval(
+        "INSERT INTO herder.jobs (kind, payload) VALUES ('synthetic', '{\"tasks\": 3}') RETURNING id"
+    )
+    row = await conn.fetchrow("SELECT * FROM herder.jobs WHERE id = $1", job_id)
+    assert row is not None
+    assert row["status"] == "PREPARING"
+    assert row["priority"] == 0
+    assert row["owner"] == await conn.fetchval("SELECT current_user")
+    submitted = await conn.fetchval("SELECT herder.submit_job('synthetic', '{}', 5)")
+    assert await conn.fetchval("SELECT priority FROM herder.jobs WHERE id = $1", submitted) == 5
+
+
+async def test_insert_notifies_once_per_statement_on_commit(conn: db.Connection, db_url: str) -> None:
+    listener = await db.connect(db_url)
+    received: list[str] = []
+    await listener.add_listener("herder_jobs", lambda *args: received.append(args[3]))
+    try:
+        async with conn.transaction():
+            await conn.execute(
+                "INSERT INTO herder.jobs (kind) SELECT 'synthetic' FROM generate_series(1, 50)"
+            )
+            await listener.fetchval("SELECT 1")
+            assert received == []  # nothing before the commit
+        from tests.support import wait_for
+
+        async def got() -> bool:
+            await listener.fetchval("SELECT 1")
+            return bool(received)
+
+        await wait_for(got, what="the insert notification")
+        assert received == [""]
+    finally:
+        await listener.close()
+
+
+@pytest.mark.parametrize("function", list(CONTROLS))
+@pytest.mark.parametrize("status", list(JobStatus))
+async def test_control_functions_follow_the_state_machine(
+    conn: db.Connection, function: str, status: JobStatus
+) -> None:
+    job_id = await conn.fetchval(
+        "INSERT INTO herder.jobs (kind, status, prepared_at) VALUES ('synthetic', $1, now()) "
+        "RETURNING id",
+        status.value,
+    )
+    applied = await conn.fetchval(f"SELECT herder.{function}($1)", job_id)
+    after = JobStatus(await conn.fetchval("SELECT status FROM herder.jobs WHERE id = $1", job_id))
+    targets = allowed(status, CONTROLS[function])
+    assert applied is bool(targets)
+    assert after in targets if applied else after == status
+
+
+async def test_control_of_a_missing_job_is_false(conn: db.Connection) -> None:
+    for function in CONTROLS:
+        assert await conn.fetchval(f"SELECT herder.{function}(424242)") is False
+
+
+async def test_job_progress_counts_tasks_by_status(conn: db.Connection) -> None:
+    job_id = await conn.fetchval("INSERT INTO herder.jobs (kind) VALUES ('x') RETURNING id")
+    await conn.execute(
+        "INSERT INTO herder.tasks (job_id, seq, status) "
+        "SELECT $1, i, (ARRAY['PENDING','IN_PROGRESS','SUCCESS','WARNING','FAILURE','CANCELED'])[i % 6 + 1] "
+        "FROM generate_series(0, 11) i",
+        job_id,
+    )
+    row = await conn.fetchrow("SELECT * FROM herder.job_progress WHERE job_id = $1", job_id)
+    assert row is not None
+    assert dict(row) == {
+        "job_id": job_id, "total": 12, "pending": 2, "in_progress": 2, "success": 2,
+        "warning": 2, "failure": 2, "canceled": 2,
+    }
+
+
+async def test_a_task_cannot_be_written_twice_for_one_position(conn: db.Connection) -> None:
+    import asyncpg
+
+    job_id = await conn.fetchval("INSERT INTO herder.jobs (kind) VALUES ('x') RETURNING id")
+    await conn.execute("INSERT INTO herder.tasks (job_id, seq) VALUES ($1, 0)", job_id)
+    with pytest.raises(asyncpg.UniqueViolationError):
+        await conn.execute("INSERT INTO herder.tasks (job_id, seq) VALUES ($1, 0)", job_id)
