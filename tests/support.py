@@ -11,8 +11,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 
+import herder
 from herder import db
 from herder.daemon import Daemon, DaemonConfig
+from herder.kinds import Kind
 
 T = TypeVar("T")
 
@@ -25,7 +27,7 @@ def with_database(url: str, database: str) -> str:
 
 
 async def wait_for(
-    probe: Callable[[], Awaitable[T]],
+    probe: Callable[[], Awaitable[T | None]],
     *,
     timeout: float = 20.0,
     interval: float = 0.02,
@@ -70,3 +72,28 @@ async def wait_finished(conn: db.Connection, job_id: int, timeout: float = 30.0)
         return row if row["status"] in FINISHED else None
 
     return await wait_for(finished, timeout=timeout, what=f"job {job_id} to settle")
+
+
+async def submit(conn: db.Connection, kind: str, payload: Any, *, priority: int = 0) -> int:
+    """Submit as a psql user would: one INSERT."""
+    job_id: int = await conn.fetchval(
+        "INSERT INTO herder.jobs (kind, payload, priority) VALUES ($1, $2, $3) RETURNING id",
+        kind,
+        payload,
+        priority,
+    )
+    return job_id
+
+
+def one_task_per_item(kind: Kind) -> None:
+    """Give a test kind a prepare that yields each of the payload's items."""
+
+    @kind.prepare
+    async def prepare(job: herder.JobContext) -> AsyncIterator[herder.JSON]:
+        for item in job.payload["items"]:
+            yield item
+
+
+async def tasks_of(conn: db.Connection, job_id: int) -> list[dict[str, Any]]:
+    rows = await conn.fetch("SELECT * FROM herder.tasks WHERE job_id = $1 ORDER BY seq", job_id)
+    return [dict(r) for r in rows]

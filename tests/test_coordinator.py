@@ -11,11 +11,11 @@ import pytest
 import herder
 from herder import db
 from herder.kinds import Kind
-from tests.support import job_row, running_daemon, wait_finished, wait_for
+from tests.support import job_row, running_daemon, submit, wait_finished, wait_for
 
 INVARIANT_PROBE = """
 CREATE TABLE public.violations (task_id bigint, job_status text);
-CREATE TABLE public.starts (task_id bigint, job_status text, at timestamptz DEFAULT clock_timestamp());
+CREATE TABLE public.starts (task_id bigint, job_status text);
 CREATE FUNCTION public.check_start() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE js text;
 BEGIN
@@ -33,22 +33,14 @@ CREATE TRIGGER check_start BEFORE UPDATE ON herder.tasks FOR EACH ROW
 """
 
 
-async def submit(conn: db.Connection, payload: dict[str, Any], kind: str = "synthetic", **kw: Any) -> int:
-    job_id: int = await conn.fetchval(
-        "INSERT INTO herder.jobs (kind, payload, priority) VALUES ($1, $2, $3) RETURNING id",
-        kind,
-        payload,
-        kw.get("priority", 0),
-    )
-    return job_id
-
-
 async def test_no_task_starts_while_its_job_is_preparing(db_url: str, conn: db.Connection) -> None:
     """The seed's bug: slow preparations writing thousands of tasks while two daemons with
     many fast workers poll for work. Checked from the database at every task start."""
     await conn.execute(INVARIANT_PROBE)
     async with running_daemon(db_url, concurrency=32), running_daemon(db_url, concurrency=32):
-        jobs = [await submit(conn, {"tasks": 3000, "prepare_ms": 0.3}) for _ in range(4)]
+        jobs = [
+            await submit(conn, "synthetic", {"tasks": 3000, "prepare_ms": 0.3}) for _ in range(4)
+        ]
 
         async def tasks_written_while_preparing() -> bool:
             return bool(
@@ -70,14 +62,17 @@ async def test_no_task_starts_while_its_job_is_preparing(db_url: str, conn: db.C
     assert len(per_task) == 12000
     assert {(r["attempts"], r["starts"]) for r in per_task} == {(1, 1)}
     for job_id in jobs:
-        assert await conn.fetchval(
-            "SELECT count(DISTINCT seq) FROM herder.tasks WHERE job_id = $1", job_id
-        ) == 3000
+        assert (
+            await conn.fetchval(
+                "SELECT count(DISTINCT seq) FROM herder.tasks WHERE job_id = $1", job_id
+            )
+            == 3000
+        )
 
 
 async def test_zero_tasks_settles_success_no_tasks(db_url: str, conn: db.Connection) -> None:
     async with running_daemon(db_url):
-        job = await wait_finished(conn, await submit(conn, {"tasks": 0}))
+        job = await wait_finished(conn, await submit(conn, "synthetic", {"tasks": 0}))
     assert (job["status"], job["message"]) == ("SUCCESS", "no tasks")
     assert job["ended_at"] is not None
 
@@ -102,8 +97,8 @@ async def test_bad_synthetic_payload_fails_the_job_naming_the_key(
     db_url: str, conn: db.Connection, payload: Any, names: str
 ) -> None:
     async with running_daemon(db_url):
-        bad = await submit(conn, payload)
-        good = await submit(conn, {"tasks": 2})
+        bad = await submit(conn, "synthetic", payload)
+        good = await submit(conn, "synthetic", {"tasks": 2})
         failed = await wait_finished(conn, bad)
         assert (await wait_finished(conn, good))["status"] == "SUCCESS"
     assert failed["status"] == "FAILURE"
@@ -115,8 +110,8 @@ async def test_unknown_kind_fails_naming_it_and_the_daemon_goes_on(
     db_url: str, conn: db.Connection
 ) -> None:
     async with running_daemon(db_url):
-        bad = await submit(conn, {}, kind="no_such_kind")
-        good = await submit(conn, {"tasks": 5})
+        bad = await submit(conn, "no_such_kind", {})
+        good = await submit(conn, "synthetic", {"tasks": 5})
         failed = await wait_finished(conn, bad)
         assert (await wait_finished(conn, good))["status"] == "SUCCESS"
     assert failed["status"] == "FAILURE"
@@ -139,7 +134,7 @@ async def test_prepare_that_raises_fails_the_job_and_leaves_no_tasks(
         return None
 
     async with running_daemon(db_url):
-        failed = await wait_finished(conn, await submit(conn, {}, kind="broken_prepare"))
+        failed = await wait_finished(conn, await submit(conn, "broken_prepare", {}))
     assert failed["status"] == "FAILURE"
     assert "LookupError: the search index is gone" in failed["message"]
     assert await conn.fetchval("SELECT count(*) FROM herder.tasks") == 0
@@ -155,14 +150,14 @@ async def test_prepare_yielding_non_json_fails_the_job(
         yield {"when": object()}
 
     async with running_daemon(db_url):
-        failed = await wait_finished(conn, await submit(conn, {}, kind="odd_payloads"))
+        failed = await wait_finished(conn, await submit(conn, "odd_payloads", {}))
     assert failed["status"] == "FAILURE"
     assert "not JSON" in failed["message"]
 
 
 async def test_cancel_during_preparation_stops_it(db_url: str, conn: db.Connection) -> None:
     async with running_daemon(db_url):
-        job_id = await submit(conn, {"tasks": 100_000, "prepare_ms": 1})
+        job_id = await submit(conn, "synthetic", {"tasks": 100_000, "prepare_ms": 1})
 
         async def some_tasks() -> bool:
             return bool(await conn.fetchval("SELECT count(*) FROM herder.tasks"))
@@ -184,7 +179,7 @@ async def test_resume_after_cancel_during_preparation_finishes_without_duplicate
     db_url: str, conn: db.Connection
 ) -> None:
     async with running_daemon(db_url):
-        job_id = await submit(conn, {"tasks": 3000, "prepare_ms": 0.5})
+        job_id = await submit(conn, "synthetic", {"tasks": 3000, "prepare_ms": 0.5})
 
         async def some_tasks() -> bool:
             return bool(await conn.fetchval("SELECT count(*) FROM herder.tasks"))
@@ -207,7 +202,7 @@ async def test_preparation_abandoned_by_a_dead_coordinator_is_resumed(
     db_url: str, conn: db.Connection
 ) -> None:
     """A coordinator that died after committing 2 batches: its lease has run out."""
-    job_id = await submit(conn, {"tasks": 500})
+    job_id = await submit(conn, "synthetic", {"tasks": 500})
     await conn.execute(
         "INSERT INTO herder.tasks (job_id, seq, payload) "
         "SELECT $1, i, jsonb_build_object('i', i) FROM generate_series(0, 199) i",
@@ -231,7 +226,7 @@ async def test_higher_priority_jobs_run_first_fifo_within(db_url: str, conn: db.
     priority (higher first), and in submission order within a priority."""
     jobs = {}
     for name, priority in (("low", 0), ("high", 10), ("high_later", 10)):
-        jobs[name] = await submit(conn, {"tasks": 50}, priority=priority)
+        jobs[name] = await submit(conn, "synthetic", {"tasks": 50}, priority=priority)
         await conn.execute(
             "INSERT INTO herder.tasks (job_id, seq, payload) "
             "SELECT $1, i, jsonb_build_object('i', i) FROM generate_series(0, 49) i",
@@ -241,6 +236,8 @@ async def test_higher_priority_jobs_run_first_fifo_within(db_url: str, conn: db.
     async with running_daemon(db_url, concurrency=1, prefetch=1):
         for job_id in jobs.values():
             await wait_finished(conn, job_id)
-    order = await conn.fetchval("SELECT array_agg(job_id ORDER BY started_at, id) FROM herder.tasks")
+    order = await conn.fetchval(
+        "SELECT array_agg(job_id ORDER BY started_at, id) FROM herder.tasks"
+    )
     expected = [jobs["high"]] * 50 + [jobs["high_later"]] * 50 + [jobs["low"]] * 50
     assert order == expected

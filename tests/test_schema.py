@@ -39,7 +39,8 @@ async def test_migrate_is_idempotent_and_concurrent_safe(db_url: str) -> None:
 
 async def test_insert_from_psql_is_a_complete_submission(conn: db.Connection) -> None:
     job_id = await conn.fetchval(
-        "INSERT INTO herder.jobs (kind, payload) VALUES ('synthetic', '{\"tasks\": 3}') RETURNING id"
+        "INSERT INTO herder.jobs (kind, payload) "
+        "VALUES ('synthetic', '{\"tasks\": 3}') RETURNING id"
     )
     row = await conn.fetchrow("SELECT * FROM herder.jobs WHERE id = $1", job_id)
     assert row is not None
@@ -50,7 +51,9 @@ async def test_insert_from_psql_is_a_complete_submission(conn: db.Connection) ->
     assert await conn.fetchval("SELECT priority FROM herder.jobs WHERE id = $1", submitted) == 5
 
 
-async def test_insert_notifies_once_per_statement_on_commit(conn: db.Connection, db_url: str) -> None:
+async def test_insert_notifies_once_per_statement_on_commit(
+    conn: db.Connection, db_url: str
+) -> None:
     listener = await db.connect(db_url)
     received: list[str] = []
     await listener.add_listener("herder_jobs", lambda *args: received.append(args[3]))
@@ -99,15 +102,21 @@ async def test_job_progress_counts_tasks_by_status(conn: db.Connection) -> None:
     job_id = await conn.fetchval("INSERT INTO herder.jobs (kind) VALUES ('x') RETURNING id")
     await conn.execute(
         "INSERT INTO herder.tasks (job_id, seq, status) "
-        "SELECT $1, i, (ARRAY['PENDING','IN_PROGRESS','SUCCESS','WARNING','FAILURE','CANCELED'])[i % 6 + 1] "
-        "FROM generate_series(0, 11) i",
+        "SELECT $1, i, (ARRAY['PENDING', 'IN_PROGRESS', 'SUCCESS', 'WARNING', 'FAILURE', "
+        "'CANCELED'])[i % 6 + 1] FROM generate_series(0, 11) i",
         job_id,
     )
     row = await conn.fetchrow("SELECT * FROM herder.job_progress WHERE job_id = $1", job_id)
     assert row is not None
     assert dict(row) == {
-        "job_id": job_id, "total": 12, "pending": 2, "in_progress": 2, "success": 2,
-        "warning": 2, "failure": 2, "canceled": 2,
+        "job_id": job_id,
+        "total": 12,
+        "pending": 2,
+        "in_progress": 2,
+        "success": 2,
+        "warning": 2,
+        "failure": 2,
+        "canceled": 2,
     }
 
 

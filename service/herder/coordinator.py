@@ -168,4 +168,6 @@ def _check_json(payload: Any, seq: int) -> None:
     try:
         json.dumps(payload)
     except (TypeError, ValueError) as exc:
-        raise InvalidPayload(f"prepare yielded a task payload that is not JSON (task {seq}): {exc}") from exc
+        raise InvalidPayload(
+            f"prepare yielded a task payload that is not JSON (task {seq}): {exc}"
+        ) from exc

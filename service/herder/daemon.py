@@ -83,7 +83,9 @@ class Daemon:
             self.coordinator = Coordinator(
                 self.store, self.name, lease=cfg.lease_seconds, poll_interval=cfg.poll_interval
             )
-            self.hooks = HookRunner(self.store, lease=cfg.lease_seconds, poll_interval=cfg.poll_interval)
+            self.hooks = HookRunner(
+                self.store, lease=cfg.lease_seconds, poll_interval=cfg.poll_interval
+            )
             async with anyio.create_task_group() as tg:
                 if handle_signals:
                     tg.start_soon(self._signals)

@@ -15,10 +15,10 @@ def start(data_dir: Path | None = None, *, keep_running: bool = True) -> tuple[s
     With ``keep_running`` the server outlives this process, so the psql line printed by
     ``make run`` keeps working and the next start is instant.
     """
-    import pgserver
+    from pgserver.postgres_server import get_server
 
     path = (data_dir or Path(os.environ.get("HERDER_DATA_DIR", DEFAULT_DATA_DIR))).resolve()
     path.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(path, cleanup_mode=None if keep_running else "stop")
+    server = get_server(path, cleanup_mode=None if keep_running else "stop")
     url: str = server.get_uri()
     return url, server

@@ -39,7 +39,7 @@ class Listener:
                 delay = min(delay * 2, 5.0)
                 continue
             try:
-                conn.add_termination_listener(lambda _conn: lost.set())
+                conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
                 for channel in CHANNELS:
                     await conn.add_listener(channel, self._dispatch)
                 self.connected = True

@@ -138,5 +138,7 @@ def settle(status: JobStatus, counts: TaskCounts) -> Settlement | None:
             J.WARNING, f"{counts.warning} of {counts.total} tasks with warnings{canceled}"
         )
     if counts.success:
-        return Settlement(J.SUCCESS, f"{counts.success} of {counts.total} tasks succeeded{canceled}")
+        return Settlement(
+            J.SUCCESS, f"{counts.success} of {counts.total} tasks succeeded{canceled}"
+        )
     return Settlement(J.CANCELED, f"all {counts.total} tasks canceled")

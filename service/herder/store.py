@@ -94,9 +94,7 @@ class Store:
         job; with ``finish_max_attempts``, also commit the job PENDING in the same
         transaction. False when the job was canceled, restarted or taken over."""
         async with self.pool.acquire() as conn, conn.transaction():
-            held = await conn.fetchval(
-                Q["lock_preparation"], job.id, job.generation, preparer
-            )
+            held = await conn.fetchval(Q["lock_preparation"], job.id, job.generation, preparer)
             if held is None:
                 return False
             if rows:
@@ -116,7 +114,9 @@ class Store:
         self, job: PreparationClaim, message: str, *, run_hook: bool
     ) -> bool:
         async with self.pool.acquire() as conn, conn.transaction():
-            status = await conn.execute(Q["fail_preparation"], job.id, job.generation, message, run_hook)
+            status = await conn.execute(
+                Q["fail_preparation"], job.id, job.generation, message, run_hook
+            )
         return status != "SELECT 0"
 
     async def release_preparation(self, job_id: int, preparer: str) -> None:

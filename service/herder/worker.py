@@ -66,6 +66,7 @@ class Worker:
         self._capacity = Wakeup()  # held tasks were written back
         self._work = Wakeup()  # the local queue has tasks
         self._outcomes_ready = Wakeup()
+        self._idle = Wakeup()  # nothing is running
         self._queue: deque[ClaimedTask] = deque()
         self._held: dict[int, ClaimedTask] = {}
         self._running: dict[int, tuple[anyio.CancelScope, list[str]]] = {}
@@ -104,7 +105,9 @@ class Worker:
             if task.job_id in job_ids:
                 task.job_status = "STOPPED"
 
-    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(supervise, "claimer", self._claimer)
             tg.start_soon(supervise, "completer", self._completer)
@@ -124,12 +127,12 @@ class Worker:
         self._work.set()
         with anyio.move_on_after(timeout):
             while self._running:
-                await anyio.sleep(0.01)
+                await self._idle.wait()
         for scope, reason in self._running.values():
             reason.append(_SHUTDOWN)
             scope.cancel()
         while self._running:
-            await anyio.sleep(0.005)
+            await self._idle.wait()
         with anyio.CancelScope(shield=True):
             await self._flush()
             handed_back = await self.store.release_tasks(
@@ -226,6 +229,8 @@ class Worker:
             return self._failed(task, kind, attempt, message, None, retriable)
         finally:
             del self._running[task.id]
+            if not self._running:
+                self._idle.set()
 
     def _result_outcome(self, task: ClaimedTask, value: Any) -> Outcome:
         status, message = TaskStatus.SUCCESS, None
@@ -255,11 +260,17 @@ class Worker:
             wait = kind.retry_delay(attempt) if delay is None else delay
             self._next_retry_due = min(self._next_retry_due, time.monotonic() + wait)
             return self._outcome(
-                task, TaskStatus.PENDING, f"attempt {attempt} failed: {message}", traceback=trace, delay=wait
+                task,
+                TaskStatus.PENDING,
+                f"attempt {attempt} failed: {message}",
+                traceback=trace,
+                delay=wait,
             )
         if retriable:
             message = f"gave up after {attempt} attempts: {message}"
-        log.warning("task failed", job_id=task.job_id, task_id=task.id, attempt=attempt, error=message)
+        log.warning(
+            "task failed", job_id=task.job_id, task_id=task.id, attempt=attempt, error=message
+        )
         return self._outcome(task, TaskStatus.FAILURE, message, traceback=trace)
 
     @staticmethod
@@ -273,7 +284,14 @@ class Worker:
         delay: float = 0.0,
     ) -> Outcome:
         return Outcome(
-            task.id, task.job_id, task.attempts, status.value, message, result_json, traceback, delay
+            task.id,
+            task.job_id,
+            task.attempts,
+            status.value,
+            message,
+            result_json,
+            traceback,
+            delay,
         )
 
     def _record(self, outcome: Outcome | None) -> None:

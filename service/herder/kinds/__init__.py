@@ -36,7 +36,7 @@ JSON: TypeAlias = Any
 """A value that json.dumps accepts: dict, list, str, int, float, bool or None."""
 
 
-class Retry(Exception):  # noqa: N818 - it is an instruction, not an error
+class Retry(Exception):
     """Raise from ``process`` to run the task again after a backoff.
 
     ``delay`` overrides the kind's backoff for this retry (seconds).

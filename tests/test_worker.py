@@ -1,0 +1,310 @@
+"""Running tasks: outcomes, retries, timeouts, cancellation, fencing, settlement."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import pytest
+
+import herder
+from herder import db
+from herder.kinds import Kind
+from herder.store import Outcome, Store
+from tests.support import (
+    job_row,
+    one_task_per_item,
+    running_daemon,
+    submit,
+    tasks_of,
+    wait_finished,
+    wait_for,
+)
+
+SETTLEMENT_LOG = """
+CREATE TABLE public.settlements (job_id bigint, status text);
+CREATE FUNCTION public.log_settlement() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO public.settlements VALUES (NEW.id, NEW.status);
+    RETURN NEW;
+END $$;
+CREATE TRIGGER log_settlement AFTER UPDATE OF status ON herder.jobs FOR EACH ROW
+    WHEN (NEW.status IN ('SUCCESS', 'WARNING', 'FAILURE', 'CANCELED')
+          AND OLD.status NOT IN ('SUCCESS', 'WARNING', 'FAILURE', 'CANCELED'))
+    EXECUTE FUNCTION public.log_settlement();
+"""
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "message"),
+    [
+        ({"tasks": 20}, "SUCCESS", "20 of 20 tasks succeeded"),
+        ({"tasks": 20, "warn": [3, 4]}, "WARNING", "2 of 20 tasks with warnings"),
+        ({"tasks": 20, "warn": [3], "fail": [5]}, "FAILURE", "1 of 20 tasks failed"),
+        ({"tasks": 20, "flaky": [1, 2]}, "SUCCESS", "20 of 20 tasks succeeded"),
+    ],
+)
+async def test_synthetic_outcomes_settle_the_job(
+    db_url: str, conn: db.Connection, payload: dict[str, Any], status: str, message: str
+) -> None:
+    async with running_daemon(db_url):
+        job = await wait_finished(conn, await submit(conn, "synthetic", payload))
+    assert (job["status"], job["message"]) == (status, message)
+    assert job["started_at"] is not None and job["ended_at"] >= job["started_at"]
+    tasks = await tasks_of(conn, job["id"])
+    assert [t["payload"]["i"] for t in tasks] == list(range(20))
+    for t in tasks:
+        i = t["payload"]["i"]
+        want = (
+            "FAILURE"
+            if i in payload.get("fail", [])
+            else "WARNING"
+            if i in payload.get("warn", [])
+            else "SUCCESS"
+        )
+        assert t["status"] == want
+        assert t["attempts"] == (2 if i in payload.get("flaky", []) else 1)
+        assert t["started_at"] is not None and t["ended_at"] is not None
+    failed = [t for t in tasks if t["status"] == "FAILURE"]
+    for t in failed:
+        assert t["message"] == f"synthetic failure of task {t['payload']['i']}"
+        assert "RuntimeError" in t["traceback"]
+    for t in tasks:
+        if t["status"] == "WARNING":
+            assert t["message"] == f"synthetic warning for task {t['payload']['i']}"
+
+
+async def test_handler_errors_and_garbage_fail_the_task_with_a_message(
+    db_url: str, conn: db.Connection, make_kind: Callable[..., Kind]
+) -> None:
+    kind = make_kind("misbehaving", max_attempts=1)
+    one_task_per_item(kind)
+
+    @kind.process
+    async def process(task: herder.TaskContext) -> herder.JSON:
+        what = task.payload["do"]
+        if what == "raise":
+            raise KeyError("patient_id")
+        if what == "garbage":
+            return {"at": object()}
+        if what == "nan":
+            return float("nan")
+        if what == "warn":
+            return herder.warn("2 documents unreadable", {"read": 8})
+        return {"ok": True, "n": [1, 2]}
+
+    items = [{"do": d} for d in ("raise", "garbage", "nan", "warn", "fine")]
+    async with running_daemon(db_url):
+        job = await wait_finished(conn, await submit(conn, "misbehaving", {"items": items}))
+        good = await wait_finished(conn, await submit(conn, "synthetic", {"tasks": 3}))
+    assert job["status"] == "FAILURE"
+    assert good["status"] == "SUCCESS"
+    by_do = {t["payload"]["do"]: t for t in await tasks_of(conn, job["id"])}
+    assert by_do["raise"]["status"] == "FAILURE"
+    assert by_do["raise"]["message"] == "'patient_id'"
+    assert "KeyError" in by_do["raise"]["traceback"]
+    for what in ("garbage", "nan"):
+        assert by_do[what]["status"] == "FAILURE"
+        assert "not JSON" in by_do[what]["message"]
+    assert (by_do["warn"]["status"], by_do["warn"]["message"]) == (
+        "WARNING",
+        "2 documents unreadable",
+    )
+    assert by_do["warn"]["result"] == {"read": 8}
+    assert (by_do["fine"]["status"], by_do["fine"]["result"]) == (
+        "SUCCESS",
+        {"ok": True, "n": [1, 2]},
+    )
+
+
+async def test_retries_back_off_then_give_up_at_max_attempts(
+    db_url: str, conn: db.Connection, make_kind: Callable[..., Kind]
+) -> None:
+    kind = make_kind("stubborn", max_attempts=3, backoff=0.05, retry_on=(ConnectionError,))
+    one_task_per_item(kind)
+
+    @kind.process
+    async def process(task: herder.TaskContext) -> herder.JSON:
+        if task.payload["how"] == "retry":
+            raise herder.Retry("upstream busy")
+        if task.payload["how"] == "declared":
+            raise ConnectionError("reset by peer")
+        if task.attempt < 3:
+            raise ConnectionError("flaps twice")
+        return task.attempt
+
+    items = [{"how": "retry"}, {"how": "declared"}, {"how": "recovers"}]
+    async with running_daemon(db_url):
+        job = await wait_finished(conn, await submit(conn, "stubborn", {"items": items}))
+    tasks = {t["payload"]["how"]: t for t in await tasks_of(conn, job["id"])}
+    assert tasks["retry"]["status"] == "FAILURE"
+    assert tasks["retry"]["attempts"] == 3
+    assert tasks["retry"]["message"] == "gave up after 3 attempts: upstream busy"
+    assert tasks["declared"]["message"] == "gave up after 3 attempts: reset by peer"
+    assert (tasks["recovers"]["status"], tasks["recovers"]["result"]) == ("SUCCESS", 3)
+    assert job["status"] == "FAILURE"
+
+
+async def test_a_hung_handler_times_out(
+    db_url: str, conn: db.Connection, make_kind: Callable[..., Kind]
+) -> None:
+    kind = make_kind("hangs", timeout=0.2, max_attempts=2, backoff=0.01)
+    one_task_per_item(kind)
+
+    @kind.process
+    async def process(task: herder.TaskContext) -> herder.JSON:
+        await anyio.sleep_forever()
+
+    async with running_daemon(db_url):
+        job = await wait_finished(conn, await submit(conn, "hangs", {"items": [{}]}))
+    [task] = await tasks_of(conn, job["id"])
+    assert (task["status"], task["attempts"]) == ("FAILURE", 2)
+    assert task["message"] == "gave up after 2 attempts: timed out after 0.2s"
+
+
+async def test_cancel_reaches_running_tasks_within_a_second(
+    db_url: str, conn: db.Connection, make_kind: Callable[..., Kind]
+) -> None:
+    kind = make_kind("long_running")
+    one_task_per_item(kind)
+    started = anyio.Event()
+    cancelled: list[int] = []
+
+    @kind.process
+    async def process(task: herder.TaskContext) -> herder.JSON:
+        started.set()
+        try:
+            await anyio.sleep_forever()
+        except anyio.get_cancelled_exc_class():
+            cancelled.append(task.id)
+            raise
+
+    async with running_daemon(db_url, concurrency=4, prefetch=4):
+        job_id = await submit(conn, "long_running", {"items": [{}] * 10})
+        with anyio.fail_after(10):
+            await started.wait()
+        await wait_for(
+            lambda: conn.fetchval(
+                "SELECT count(*) = 4 FROM herder.tasks "
+                "WHERE job_id = $1 AND status = 'IN_PROGRESS'",
+                job_id,
+            ),
+            what="4 running tasks",
+        )
+        assert await conn.fetchval("SELECT herder.cancel_job($1)", job_id) is True
+        assert (await job_row(conn, job_id))["status"] == "CANCELING"
+        pending_left = await conn.fetchval(
+            "SELECT count(*) FROM herder.tasks WHERE job_id = $1 AND status = 'PENDING'", job_id
+        )
+        assert pending_left == 0  # pending tasks were canceled by cancel_job itself
+        job = await wait_finished(conn, job_id, timeout=1.0)
+    assert job["status"] == "CANCELED"
+    assert len(cancelled) == 4
+    statuses = await conn.fetch("SELECT status, count(*) FROM herder.tasks GROUP BY status")
+    assert {r["status"]: r["count"] for r in statuses} == {"CANCELED": 10}
+
+
+async def test_a_late_result_never_overwrites_a_cancel(
+    db_url: str, conn: db.Connection, make_kind: Callable[..., Kind]
+) -> None:
+    """A handler that ignores cancellation finishes after its job was canceled."""
+    kind = make_kind("stubborn_finisher")
+    one_task_per_item(kind)
+    started, release = anyio.Event(), anyio.Event()
+
+    @kind.process
+    async def process(task: herder.TaskContext) -> herder.JSON:
+        with anyio.CancelScope(shield=True):
+            started.set()
+            await release.wait()
+        return {"late": True}
+
+    async with running_daemon(db_url, concurrency=1, prefetch=1):
+        job_id = await submit(conn, "stubborn_finisher", {"items": [{}, {}]})
+        with anyio.fail_after(10):
+            await started.wait()
+        await conn.fetchval("SELECT herder.cancel_job($1)", job_id)
+        release.set()
+        job = await wait_finished(conn, job_id)
+    assert job["status"] == "CANCELED"
+
+
+async def test_stale_outcomes_are_fenced_out(store: Store, conn: db.Connection) -> None:
+    """Every write names the attempt it belongs to; once the task moved on, it is ignored."""
+    job_id = await store.submit("synthetic", {"tasks": 1})
+    await conn.execute(
+        "INSERT INTO herder.tasks (job_id, seq, payload) VALUES ($1, 0, '{}')", job_id
+    )
+    await conn.execute("UPDATE herder.jobs SET status = 'PENDING', prepared_at = now()")
+    [first] = await store.claim_tasks(10, "worker-a", 0.05)
+    assert first.attempts == 1
+    # worker-a's lease runs out; the rescue hands the task back and worker-b claims it.
+    await wait_for(store.rescue_expired_tasks, what="the lease to expire")
+    [second] = await store.claim_tasks(10, "worker-b", 30)
+    assert (second.id, second.attempts) == (first.id, 2)
+    late = Outcome(first.id, job_id, first.attempts, "SUCCESS", result_json='{"from": "a"}')
+    assert await store.complete_tasks([late]) == []
+    task = await conn.fetchrow("SELECT status, worker, result FROM herder.tasks")
+    assert task is not None
+    assert (task["status"], task["worker"], task["result"]) == ("IN_PROGRESS", "worker-b", None)
+    # Canceling the job and then finishing: the task stays as cancel left it.
+    await conn.fetchval("SELECT herder.cancel_job($1)", job_id)
+    on_time = Outcome(second.id, job_id, second.attempts, "CANCELED", "canceled while running")
+    assert await store.complete_tasks([on_time]) == [(second.id, job_id)]
+    assert await store.complete_tasks([on_time]) == []  # a repeat changes nothing
+    [settled] = await store.settle([job_id])
+    assert settled.settlement.status == "CANCELED"
+
+
+async def test_last_two_tasks_finishing_together_settle_the_job_once(
+    db_url: str, conn: db.Connection, make_kind: Callable[..., Kind]
+) -> None:
+    """Two daemons each hold one of a job's two tasks; both finish at the same instant."""
+    await conn.execute(SETTLEMENT_LOG)
+    kind = make_kind("pairs")
+    one_task_per_item(kind)
+    arrived: dict[int, int] = {}
+    both: dict[int, anyio.Event] = {}
+    hooks: list[int] = []
+
+    @kind.process
+    async def process(task: herder.TaskContext) -> herder.JSON:
+        arrived[task.job_id] = arrived.get(task.job_id, 0) + 1
+        event = both.setdefault(task.job_id, anyio.Event())
+        if arrived[task.job_id] == 2:
+            event.set()
+        await event.wait()
+        return None
+
+    @kind.on_finished
+    async def finished(job: herder.FinishedJob) -> None:
+        hooks.append(job.id)
+
+    listener = await db.connect(db_url)
+    notified: list[str] = []
+    await listener.add_listener("herder_job_finished", lambda *a: notified.append(a[3]))
+    jobs = 20
+    try:
+        async with (
+            running_daemon(db_url, concurrency=1, prefetch=1),
+            running_daemon(db_url, concurrency=1, prefetch=1),
+        ):
+            ids = [await submit(conn, "pairs", {"items": [{}, {}]}) for _ in range(jobs)]
+            for job_id in ids:
+                assert (await wait_finished(conn, job_id))["status"] == "SUCCESS"
+
+            async def all_hooks_ran() -> bool:
+                return len(hooks) >= jobs
+
+            await wait_for(all_hooks_ran, what="every on_finished hook")
+        await listener.fetchval("SELECT 1")
+    finally:
+        await listener.close()
+    settlements = await conn.fetch(
+        "SELECT job_id, count(*) AS n FROM public.settlements GROUP BY job_id"
+    )
+    assert sorted(r["job_id"] for r in settlements) == sorted(ids)
+    assert {r["n"] for r in settlements} == {1}
+    assert sorted(hooks) == sorted(ids)
+    assert sorted(int(n) for n in notified) == sorted(ids)
