@@ -118,12 +118,3 @@ async def test_job_progress_counts_tasks_by_status(conn: db.Connection) -> None:
         "failure": 2,
         "canceled": 2,
     }
-
-
-async def test_a_task_cannot_be_written_twice_for_one_position(conn: db.Connection) -> None:
-    import asyncpg
-
-    job_id = await conn.fetchval("INSERT INTO herder.jobs (kind) VALUES ('x') RETURNING id")
-    await conn.execute("INSERT INTO herder.tasks (job_id, seq) VALUES ($1, 0)", job_id)
-    with pytest.raises(asyncpg.UniqueViolationError):
-        await conn.execute("INSERT INTO herder.tasks (job_id, seq) VALUES ($1, 0)", job_id)

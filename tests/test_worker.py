@@ -163,6 +163,23 @@ async def test_a_hung_handler_times_out(
     assert task["message"] == "gave up after 2 attempts: timed out after 0.2s"
 
 
+async def test_a_timeout_error_raised_by_the_handler_is_an_ordinary_failure(
+    db_url: str, conn: db.Connection, make_kind: Callable[..., Kind]
+) -> None:
+    kind = make_kind("upstream_timeout", max_attempts=3)
+    one_task_per_item(kind)
+
+    @kind.process
+    async def process(task: herder.TaskContext) -> herder.JSON:
+        raise TimeoutError("upstream API timed out")
+
+    async with running_daemon(db_url):
+        job = await wait_finished(conn, await submit(conn, "upstream_timeout", {"items": [{}]}))
+    [task] = await tasks_of(conn, job["id"])
+    assert (task["status"], task["attempts"]) == ("FAILURE", 1)
+    assert task["message"] == "upstream API timed out"
+
+
 async def test_cancel_reaches_running_tasks_within_a_second(
     db_url: str, conn: db.Connection, make_kind: Callable[..., Kind]
 ) -> None:

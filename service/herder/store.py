@@ -129,7 +129,9 @@ class Store:
     # ------------------------------------------------------------ tasks
 
     async def claim_tasks(self, limit: int, worker: str, lease: float) -> list[ClaimedTask]:
-        rows = await self.pool.fetch(Q["claim_tasks"], limit, worker, lease)
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(Q["claim_plan"])
+            rows = await conn.fetch(Q["claim_tasks"], limit, worker, lease)
         return [
             ClaimedTask(
                 r["id"],

@@ -219,7 +219,7 @@ class Worker:
             if _SHUTDOWN in reason:
                 return None  # handed back by shutdown()
             return self._outcome(task, TaskStatus.CANCELED, "canceled while running")
-        except TimeoutError:
+        except _TimedOut:
             return self._failed(task, kind, attempt, f"timed out after {kind.timeout}s", None, True)
         except Retry as exc:
             return self._failed(task, kind, attempt, str(exc) or "retry requested", exc.delay, True)
@@ -344,8 +344,16 @@ class Worker:
                 )
 
 
+class _TimedOut(Exception):
+    """The kind's timeout expired. Distinct from a TimeoutError the handler raises itself,
+    which is an ordinary failure (retried only if the kind declares it retriable)."""
+
+
 async def _call(kind: Kind, context: TaskContext) -> Any:
     if kind.timeout is None:
         return await kind.process_fn(context)
-    with anyio.fail_after(kind.timeout):
+    with anyio.move_on_after(kind.timeout) as deadline:
         return await kind.process_fn(context)
+    if deadline.cancelled_caught:
+        raise _TimedOut
+    raise AssertionError("unreachable: the handler neither returned nor timed out")

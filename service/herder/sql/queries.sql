@@ -62,11 +62,18 @@ WHERE id = ANY($1::bigint[]) AND preparer = $2 AND status = 'PREPARING';
 
 -- ---------------------------------------------------------------- tasks
 
+-- name: claim_plan
+-- Run before claim_tasks, in its transaction. The planner cannot know how many tasks a
+-- job has pending (a bulk-loaded job looks like a handful), and for a handful it prefers
+-- a bitmap scan of the job's whole pending set plus a sort: 80 ms for a 200k-task job
+-- instead of 0.3 ms for an ordered index scan that stops at the LIMIT.
+SET LOCAL enable_bitmapscan = off; SET LOCAL plan_cache_mode = force_generic_plan;
+
 -- name: claim_tasks
 -- Claimable means: the task is PENDING and due, and its job is PENDING or IN_PROGRESS in
 -- the same snapshot. A job that is still PREPARING is never joined, so its tasks cannot
 -- start however early they were written. Jobs are walked in priority order (a small,
--- indexed set); each job's due tasks come from the partial index, oldest first.
+-- indexed set); each job's due tasks come from the partial index in preparation order.
 WITH claimed AS (
     UPDATE herder.tasks t
     SET status = 'IN_PROGRESS', attempts = t.attempts + 1, started_at = clock_timestamp(),
@@ -79,7 +86,7 @@ WITH claimed AS (
             SELECT p.id FROM herder.tasks p
             WHERE p.job_id = j.id AND p.status = 'PENDING'
               AND (p.run_at IS NULL OR p.run_at <= clock_timestamp())
-            ORDER BY p.id
+            ORDER BY p.seq
             LIMIT $1
             FOR UPDATE SKIP LOCKED
         ) c
