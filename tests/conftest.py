@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,7 +19,8 @@ import pytest
 from herder import db, logs
 from herder.kinds import Kind, unregister
 from herder.store import Store
-from tests.support import with_database
+from tests.private_pg import PrivatePostgres
+from tests.support import DaemonProcess, with_database
 
 TEMPLATE = "herder_test_template"
 _counter = itertools.count()
@@ -120,3 +122,47 @@ def make_kind() -> Iterator[Callable[..., Kind]]:
     yield make
     for name in made:
         unregister(name)
+
+
+@pytest.fixture(scope="module")
+def private_pg() -> Iterator[PrivatePostgres]:
+    """A server of this module's own, which its tests may stop, restart and crash."""
+    server = PrivatePostgres()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture
+async def private_db_url(private_pg: PrivatePostgres) -> AsyncIterator[str]:
+    """A fresh, migrated database on the private server."""
+    name = f"herder_private_{next(_counter)}"
+    admin = await db.connect(private_pg.url)
+    try:
+        await admin.execute(f"CREATE DATABASE {name}")
+    finally:
+        await admin.close()
+    url = with_database(private_pg.url, name)
+    conn = await db.connect(url)
+    try:
+        await db.migrate(conn)
+    finally:
+        await conn.close()
+    yield url
+
+
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
+    """Start ``herder run`` processes; any still alive at the end are killed."""
+    started: list[DaemonProcess] = []
+
+    def start(url: str, *args: str) -> DaemonProcess:
+        process = DaemonProcess(url, tmp_path, *args)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.close()

@@ -3,9 +3,14 @@ condition with a deadline (tests never sleep and hope)."""
 
 from __future__ import annotations
 
+import itertools
+import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -97,3 +102,55 @@ def one_task_per_item(kind: Kind) -> None:
 async def tasks_of(conn: db.Connection, job_id: int) -> list[dict[str, Any]]:
     rows = await conn.fetch("SELECT * FROM herder.tasks WHERE job_id = $1 ORDER BY seq", job_id)
     return [dict(r) for r in rows]
+
+
+class DaemonProcess:
+    """``herder run`` as a real process, so tests can kill -9 it, stop it with SIGTERM, or
+    freeze it with SIGSTOP. Its log (JSON lines) goes to a file the test can read."""
+
+    def __init__(self, url: str, log_dir: Path, *args: str) -> None:
+        self.log_path = log_dir / f"daemon-{next(_daemon_numbers)}.log"
+        self._log = self.log_path.open("wb")
+        env = {**os.environ, "DATABASE_URL": url}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "herder", "run", *args],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    async def ready(self, timeout: float = 30.0) -> None:
+        async def serving() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited early ({self.proc.returncode}):\n{self.log}")
+            return '"serving"' in self.log
+
+        await wait_for(serving, timeout=timeout, what="the daemon to serve")
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    async def exited(self, timeout: float = 30.0) -> int:
+        async def gone() -> bool:
+            return self.proc.poll() is not None
+
+        await wait_for(gone, timeout=timeout, what="the daemon to exit")
+        self._log.close()
+        return self.proc.returncode
+
+    async def kill(self) -> None:
+        self.proc.kill()  # SIGKILL: no shutdown code runs
+        await self.exited()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+_daemon_numbers = itertools.count()

@@ -1,0 +1,245 @@
+"""Model-based test: random sequences of submissions, preparations, claims, outcomes,
+crashes, stale workers and controls against a real database, with the state machine's
+invariants checked from the database after every step.
+
+The test plays the daemon itself, one store call per step, so Hypothesis controls every
+interleaving the real daemons could produce between two statements.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from herder import db
+from herder.states import JOB_FINISHED, JobStatus, TaskCounts, settle
+from herder.store import ClaimedTask, Outcome, PreparationClaim, Store
+
+T = TypeVar("T")
+WORKER = "model-worker"
+OUTCOMES = ("SUCCESS", "WARNING", "FAILURE", "CANCELED", "PENDING")
+CONTROLS = ("cancel", "resume", "retry", "restart", "verify")
+
+
+@dataclass
+class Env:
+    loop: asyncio.AbstractEventLoop
+    store: Store
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self.loop.run_until_complete(coro)
+
+
+class HerderModel(RuleBasedStateMachine):
+    env: Env
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.run = self.env.run
+        self.store = self.env.store
+        self.run(self.store.pool.execute("TRUNCATE herder.jobs CASCADE"))
+        self.held: dict[int, ClaimedTask] = {}
+        self.stale: list[ClaimedTask] = []  # held by a worker that "died"
+        self.half_prepared: list[tuple[PreparationClaim, int]] = []
+        self.max_attempts_seen: dict[int, int] = {}
+
+    # ------------------------------------------------------------ the world
+
+    @rule(tasks=st.integers(0, 4), unverified=st.booleans(), priority=st.integers(0, 2))
+    def submit(self, tasks: int, unverified: bool, priority: int) -> None:
+        self.run(
+            self.store.submit(
+                "synthetic", {"tasks": tasks}, priority=priority, unverified=unverified
+            )
+        )
+
+    @rule(split=st.booleans())
+    def prepare(self, split: bool) -> None:
+        """Claim a PREPARING job; write all its tasks, or only the first ones (a
+        coordinator that will die before finishing)."""
+        job = self.run(self.store.claim_preparation(WORKER, 30))
+        if job is None:
+            return
+        total = job.payload["tasks"]
+        rows = [(job.id, seq, {"i": seq}) for seq in range(job.prepared, total)]
+        if split and len(rows) > 1:
+            first = rows[: len(rows) // 2]
+            if self.run(self.store.write_tasks(job, WORKER, first, job.prepared + len(first), 30)):
+                self.half_prepared.append((job, job.prepared + len(first)))
+            return
+        written = self.run(
+            self.store.write_tasks(job, WORKER, rows, total, 30, finish_max_attempts=3)
+        )
+        if written and total == 0:
+            self.run(self.store.settle([job.id]))
+
+    @precondition(lambda self: self.half_prepared)
+    @rule()
+    def coordinator_dies(self) -> None:
+        """Its lease runs out; another coordinator will resume from `prepared`."""
+        job, _ = self.half_prepared.pop()
+        self.run(
+            self.store.pool.execute(
+                "UPDATE herder.jobs SET prepare_lease_until = clock_timestamp() "
+                "- interval '1 s' WHERE id = $1 AND preparer = $2",
+                job.id,
+                WORKER,
+            )
+        )
+
+    @rule(limit=st.integers(1, 5))
+    def claim(self, limit: int) -> None:
+        for task in self.run(self.store.claim_tasks(limit, WORKER, 30)):
+            assert task.id not in self.held
+            self.held[task.id] = task
+        starting = sorted({t.job_id for t in self.held.values() if t.job_status == "PENDING"})
+        if starting:
+            self.run(self.store.start_jobs(starting))
+
+    @precondition(lambda self: self.held)
+    @rule(data=st.data(), status=st.sampled_from(OUTCOMES))
+    def finish(self, data: st.DataObject, status: str) -> None:
+        task_id = data.draw(st.sampled_from(sorted(self.held)))
+        task = self.held.pop(task_id)
+        outcome = Outcome(task.id, task.job_id, task.attempts, status, f"model {status}")
+        applied = self.run(self.store.complete_tasks([outcome]))
+        if applied:
+            self.run(self.store.settle([task.job_id]))
+
+    @precondition(lambda self: self.stale)
+    @rule(status=st.sampled_from(OUTCOMES))
+    def stale_worker_finishes(self, status: str) -> None:
+        """A worker that lost its lease reports late: nothing may change."""
+        task = self.stale.pop()
+        outcome = Outcome(task.id, task.job_id, task.attempts, status, "late")
+        before = self.run(
+            self.store.pool.fetchrow("SELECT * FROM herder.tasks WHERE id = $1", task.id)
+        )
+        assert (
+            self.run(self.store.complete_tasks([outcome])) == []
+            or before is None
+            or (before["status"] == "IN_PROGRESS" and before["attempts"] == task.attempts)
+        )
+
+    @rule()
+    def worker_dies(self) -> None:
+        """Every lease runs out at once and the rescue runs."""
+        self.stale.extend(self.held.values())
+        self.held.clear()
+        self.run(
+            self.store.pool.execute(
+                "UPDATE herder.tasks SET lease_until = clock_timestamp() - interval '1 s' "
+                "WHERE status = 'IN_PROGRESS'"
+            )
+        )
+        self.run(self.store.rescue_expired_tasks())
+
+    @rule(data=st.data(), action=st.sampled_from(CONTROLS))
+    def control(self, data: st.DataObject, action: str) -> None:
+        ids = self.run(self.store.pool.fetch("SELECT id FROM herder.jobs ORDER BY id"))
+        if not ids:
+            return
+        job_id = data.draw(st.sampled_from([r["id"] for r in ids]))
+        self.run(self.store.control(action, job_id))
+
+    @rule()
+    def cancellation_reaches_running_tasks(self) -> None:
+        stopped = self.run(self.store.jobs_not_running(t.job_id for t in self.held.values()))
+        for task in [t for t in self.held.values() if t.job_id in stopped]:
+            del self.held[task.id]
+            outcome = Outcome(task.id, task.job_id, task.attempts, "CANCELED", "canceled")
+            self.run(self.store.complete_tasks([outcome]))
+        self.run(self.store.settle(stopped))
+
+    @rule()
+    def sweep(self) -> None:
+        """The daemon's periodic safety net. Afterwards no job may be stuck: every job
+        still PENDING, IN_PROGRESS or CANCELING has a task that is pending or running."""
+        self.run(self.store.settle(None))
+        stuck = self.run(
+            self.store.pool.fetch(
+                "SELECT j.id, j.status FROM herder.jobs j "
+                "WHERE j.status IN ('PENDING', 'IN_PROGRESS', 'CANCELING') AND NOT EXISTS ("
+                "  SELECT 1 FROM herder.tasks t WHERE t.job_id = j.id"
+                "  AND t.status IN ('PENDING', 'IN_PROGRESS'))"
+            )
+        )
+        assert stuck == [], f"jobs that can never settle: {stuck}"
+
+    # ------------------------------------------------------------ invariants
+
+    @invariant()
+    def tasks_run_only_under_a_running_job(self) -> None:
+        bad = self.run(
+            self.store.pool.fetch(
+                "SELECT t.id, j.status FROM herder.tasks t JOIN herder.jobs j ON j.id = t.job_id "
+                "WHERE t.status = 'IN_PROGRESS' "
+                "AND j.status NOT IN ('PENDING', 'IN_PROGRESS', 'CANCELING')"
+            )
+        )
+        assert bad == [], bad
+
+    @invariant()
+    def finished_jobs_are_settled_consistently(self) -> None:
+        rows = self.run(
+            self.store.pool.fetch(
+                "SELECT j.id, j.status, j.ended_at, p.pending, p.in_progress, p.success, "
+                "p.warning, p.failure, p.canceled "
+                "FROM herder.jobs j JOIN herder.job_progress p ON p.job_id = j.id"
+            )
+        )
+        for row in rows:
+            status = JobStatus(row["status"])
+            counts = TaskCounts(
+                row["pending"],
+                row["in_progress"],
+                row["success"],
+                row["warning"],
+                row["failure"],
+                row["canceled"],
+            )
+            if status in JOB_FINISHED:
+                assert row["ended_at"] is not None, row
+                assert counts.active == 0, row
+                if status is not JobStatus.CANCELED:
+                    expected = settle(JobStatus.IN_PROGRESS, counts)
+                    assert expected is not None and expected.status is status, row
+            else:
+                assert row["ended_at"] is None, row
+
+    @invariant()
+    def attempts_never_go_back_and_leases_match_status(self) -> None:
+        rows = self.run(
+            self.store.pool.fetch(
+                "SELECT id, status, attempts, worker, lease_until FROM herder.tasks"
+            )
+        )
+        for row in rows:
+            seen = self.max_attempts_seen.get(row["id"], 0)
+            assert row["attempts"] >= seen, row
+            self.max_attempts_seen[row["id"]] = row["attempts"]
+            running = row["status"] == "IN_PROGRESS"
+            assert running == (row["worker"] is not None) == (row["lease_until"] is not None), row
+
+
+def test_state_machine_invariants_hold_under_random_histories(db_url: str) -> None:
+    loop = asyncio.new_event_loop()
+    pool = loop.run_until_complete(db.create_pool(db_url, min_size=1, max_size=2))
+    HerderModel.env = Env(loop, Store(pool))
+    try:
+        HerderModel.TestCase.settings = settings(
+            max_examples=40,
+            stateful_step_count=40,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow],
+        )
+        HerderModel.TestCase().runTest()
+    finally:
+        loop.run_until_complete(pool.close())
+        loop.close()
