@@ -15,6 +15,7 @@ import anyio
 import structlog
 
 from herder.kinds import InvalidPayload, JobContext, get_kind, known_kinds
+from herder.metrics import Metrics
 from herder.signals import Wakeup
 from herder.store import PreparationClaim, Store
 
@@ -27,6 +28,7 @@ class Coordinator:
         store: Store,
         name: str,
         *,
+        metrics: Metrics,
         lease: float,
         poll_interval: float,
         max_preparations: int = 2,
@@ -35,6 +37,7 @@ class Coordinator:
     ) -> None:
         self.store = store
         self.name = name
+        self.metrics = metrics
         self.lease = lease
         self.poll_interval = poll_interval
         self.batch_size = batch_size
@@ -43,7 +46,6 @@ class Coordinator:
         self._slots = anyio.Semaphore(max_preparations)
         self._scopes: dict[int, anyio.CancelScope] = {}
         self._stopping = False
-        self.tasks_prepared = 0
 
     @property
     def preparing(self) -> list[int]:
@@ -120,7 +122,7 @@ class Coordinator:
             return
         bound.info("prepared", tasks=total, seconds=round(time.monotonic() - started, 3))
         if total == 0:
-            await self.store.settle([job.id])
+            self.metrics.settled(await self.store.settle([job.id]))
 
     async def _fail(self, job: PreparationClaim, message: str, bound: Any) -> None:
         bound.warning("job failed", reason=message)
@@ -133,6 +135,7 @@ class Coordinator:
         None when the job stopped being ours."""
         kind = get_kind(job.kind)
         assert kind is not None
+        prepared = self.metrics.tasks_prepared.labels(job.kind)
         seq = job.prepared
         to_skip = 0 if resumes else job.prepared
         batch: list[tuple[int, int, Any]] = []
@@ -151,7 +154,7 @@ class Coordinator:
                 ):
                     if not await self.store.write_tasks(job, self.name, batch, seq, self.lease):
                         return None
-                    self.tasks_prepared += len(batch)
+                    prepared.inc(len(batch))
                     batch = []
                     last_flush = time.monotonic()
         finally:
@@ -160,7 +163,7 @@ class Coordinator:
             job, self.name, batch, seq, self.lease, finish_max_attempts=max_attempts
         ):
             return None
-        self.tasks_prepared += len(batch)
+        prepared.inc(len(batch))
         return seq
 
 

@@ -19,6 +19,7 @@ from herder.coordinator import Coordinator
 from herder.hooks import HookRunner
 from herder.kinds import load_app
 from herder.listener import Listener
+from herder.metrics import Metrics
 from herder.resilience import TRANSIENT, supervise
 from herder.signals import Wakeup
 from herder.store import Store
@@ -49,6 +50,7 @@ class Daemon:
             load_app(module)
         self.database_ok = False
         self.started_at = time.monotonic()
+        self.metrics = Metrics()
         self._stop = anyio.Event()
         self._cancel_checks: list[int] = []
         self._sweep_now = Wakeup()
@@ -75,14 +77,20 @@ class Daemon:
             self.worker = Worker(
                 self.store,
                 self.name,
+                metrics=self.metrics,
                 concurrency=cfg.concurrency,
                 lease=cfg.lease_seconds,
                 poll_interval=cfg.poll_interval,
                 prefetch=cfg.prefetch,
             )
             self.coordinator = Coordinator(
-                self.store, self.name, lease=cfg.lease_seconds, poll_interval=cfg.poll_interval
+                self.store,
+                self.name,
+                metrics=self.metrics,
+                lease=cfg.lease_seconds,
+                poll_interval=cfg.poll_interval,
             )
+            self.metrics.running.set_function(lambda: self.worker.running_count)
             self.hooks = HookRunner(
                 self.store, lease=cfg.lease_seconds, poll_interval=cfg.poll_interval
             )
@@ -155,15 +163,9 @@ class Daemon:
         if stopped & held_jobs:
             self.worker.stop_jobs(stopped & held_jobs)
         for task_id, job_id, status in await self.store.rescue_expired_tasks():
+            self.metrics.tasks_rescued.inc()
             log.warning("rescued task of a lost worker", task_id=task_id, job_id=job_id, now=status)
-        for settled in await self.store.settle(None):
-            log.info(
-                "job settled",
-                job_id=settled.id,
-                kind=settled.kind,
-                status=settled.settlement.status.value,
-                message=settled.settlement.message,
-            )
+        self.metrics.settled(await self.store.settle(None))
         self._wake_all()
 
     async def _heartbeat(self) -> None:

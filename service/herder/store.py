@@ -51,6 +51,9 @@ class Outcome:
     result_json: str | None = None
     traceback: str | None = None
     delay: float = 0.0
+    # Not written: for metrics.
+    kind: str = ""
+    seconds: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,8 +149,10 @@ class Store:
             for r in rows
         ]
 
-    async def start_jobs(self, job_ids: list[int]) -> None:
-        await self.pool.execute(Q["start_jobs"], job_ids)
+    async def start_jobs(self, job_ids: list[int]) -> list[float]:
+        """Move jobs PENDING -> IN_PROGRESS; return each started job's commit-to-start
+        latency in seconds."""
+        return [r["latency"] for r in await self.pool.fetch(Q["start_jobs"], job_ids)]
 
     async def complete_tasks(self, outcomes: Sequence[Outcome]) -> list[tuple[int, int]]:
         """Write outcomes in one statement; return the (task_id, job_id) that applied."""

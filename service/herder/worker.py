@@ -13,13 +13,13 @@ import json
 import time
 import traceback
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import structlog
 
 from herder.kinds import Kind, Retry, TaskContext, TaskWarning, get_kind
+from herder.metrics import Metrics
 from herder.resilience import supervise
 from herder.signals import Wakeup
 from herder.states import TaskStatus
@@ -32,19 +32,13 @@ _JOB_STOPPED = "job stopped"
 _SHUTDOWN = "shutdown"
 
 
-@dataclass
-class WorkerStats:
-    claimed: int = 0
-    claims: int = 0
-    finished: dict[tuple[str, str], int] = field(default_factory=dict)
-
-
 class Worker:
     def __init__(
         self,
         store: Store,
         name: str,
         *,
+        metrics: Metrics,
         concurrency: int,
         lease: float,
         poll_interval: float,
@@ -55,6 +49,7 @@ class Worker:
     ) -> None:
         self.store = store
         self.name = name
+        self.metrics = metrics
         self.concurrency = concurrency
         self.lease = lease
         self.poll_interval = poll_interval
@@ -75,7 +70,6 @@ class Worker:
         self._claiming = True
         self._executing = True
         self._next_retry_due = float("inf")
-        self.stats = WorkerStats()
 
     # ------------------------------------------------------------ introspection
 
@@ -159,15 +153,15 @@ class Worker:
                     await self.store.release_tasks(((t.id, t.attempts) for t in claimed), self.name)
                 return
             if claimed:
-                self.stats.claims += 1
-                self.stats.claimed += len(claimed)
+                self.metrics.claimed(len(claimed))
                 for task in claimed:
                     self._held[task.id] = task
                 self._queue.extend(claimed)
                 self._work.set()
                 starting = sorted({t.job_id for t in claimed if t.job_status == "PENDING"})
                 if starting:
-                    await self.store.start_jobs(starting)
+                    for latency in await self.store.start_jobs(starting):
+                        self.metrics.start_latency.observe(latency)
             if len(claimed) < asked:
                 await self.wakeup.wait(self._idle_wait())
 
@@ -191,7 +185,13 @@ class Worker:
             task = self._queue.popleft()
             if self._queue:
                 self._work.set()
-            self._record(await self._execute(task))
+            started = time.monotonic()
+            outcome = await self._execute(task)
+            if outcome is not None:
+                outcome.kind = task.kind
+                outcome.seconds = time.monotonic() - started
+                self._outcomes.append(outcome)
+                self._outcomes_ready.set()
 
     async def _execute(self, task: ClaimedTask) -> Outcome | None:
         attempt = task.attempts - task.attempts_base
@@ -294,12 +294,6 @@ class Worker:
             delay,
         )
 
-    def _record(self, outcome: Outcome | None) -> None:
-        if outcome is None:
-            return
-        self._outcomes.append(outcome)
-        self._outcomes_ready.set()
-
     # ------------------------------------------------------------ completing
 
     async def _completer(self) -> None:
@@ -325,23 +319,15 @@ class Worker:
             applied = await self.store.complete_tasks(batch)
             del self._outcomes[: len(batch)]
             for outcome in batch:
-                task = self._held.pop(outcome.task_id, None)
-                key = (task.kind if task else "?", outcome.status)
-                self.stats.finished[key] = self.stats.finished.get(key, 0) + 1
+                self._held.pop(outcome.task_id, None)
+            self.metrics.finished((o.kind, o.status, o.seconds) for o in batch)
             self._capacity.set()
             if len(applied) < len(batch):
                 stale = len(batch) - len(applied)
                 log.info("discarded stale outcomes (canceled, rescued or restarted)", tasks=stale)
             if any(o.status == TaskStatus.PENDING for o in batch):
                 self.wakeup.set()
-            for settled in await self.store.settle({job_id for _, job_id in applied}):
-                log.info(
-                    "job settled",
-                    job_id=settled.id,
-                    kind=settled.kind,
-                    status=settled.settlement.status.value,
-                    message=settled.settlement.message,
-                )
+            self.metrics.settled(await self.store.settle({job_id for _, job_id in applied}))
 
 
 class _TimedOut(Exception):

@@ -109,7 +109,8 @@ WHERE j.id IN (
     WHERE id = ANY($1::bigint[]) AND status = 'PENDING'
     ORDER BY id
     FOR UPDATE
-) AND j.status = 'PENDING';
+) AND j.status = 'PENDING'
+RETURNING extract(epoch FROM j.started_at - j.created_at)::float8 AS latency;
 
 -- name: complete_tasks
 -- One statement for a whole batch of outcomes. Fenced: an outcome applies only to the
