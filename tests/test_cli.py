@@ -155,6 +155,29 @@ async def test_jobs_lists_and_filters(db_url: str, store: Store) -> None:
     assert [job["id"] for job in filtered.json()] == [second]
 
 
+async def test_jobs_filters_by_kind_owner_and_age(
+    db_url: str, conn: db.Connection, store: Store
+) -> None:
+    old = await store.submit("synthetic", {"tasks": 1})
+    await conn.execute(
+        "UPDATE herder.jobs SET created_at = now() - interval '3 days' WHERE id = $1", old
+    )
+    other_kind = await store.submit("mine", {})
+    someone_elses = await store.submit("synthetic", {})
+    await conn.execute("UPDATE herder.jobs SET owner = 'carol' WHERE id = $1", someone_elses)
+
+    async def ids(*args: str) -> list[int]:
+        result = await herder(db_url, "jobs", "--json", *args)
+        assert result.code == 0, result.err
+        return [job["id"] for job in result.json()]
+
+    assert await ids("--kind", "synthetic") == [someone_elses, old]
+    assert await ids("--owner", "carol") == [someone_elses]
+    assert await ids("--since", "1d") == [someone_elses, other_kind]
+    assert await ids("--since", "2000-01-01", "--kind", "mine") == [other_kind]
+    assert_one_line_error(await herder(db_url, "jobs", "--since", "yesterday"), "duration")
+
+
 async def test_show_lists_the_failure_message(
     db_url: str, conn: db.Connection, store: Store
 ) -> None:

@@ -22,7 +22,7 @@ import traceback
 import warnings
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -253,6 +253,34 @@ _seconds = _number(float, "a number of seconds >= 0", 0.0)
 _positive_seconds = _number(float, "a number of seconds >= 0.001", 1e-3)
 
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str) -> float:
+    """Seconds from "90", "90s", "15m", "12h" or "30d"."""
+    match = _DURATION.match(text.lower())
+    if not match:
+        raise argparse.ArgumentTypeError(
+            f"expected a duration such as 90s, 15m, 12h or 30d, got {text!r}"
+        )
+    return float(match[1]) * _UNIT_SECONDS[match[2]]
+
+
+def _since(text: str) -> datetime:
+    """A moment: an ISO date or datetime, or a duration meaning that long ago."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        try:
+            return datetime.now(UTC) - timedelta(seconds=_duration(text))
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(
+                f"expected an ISO date/datetime or a duration such as 2h, got {text!r}"
+            ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
 def _host_port(text: str) -> str:
     host, sep, port = text.rpartition(":")
     if not (sep and host and port.isdigit() and int(port) < 65536):
@@ -328,6 +356,26 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     jobs = command("jobs", cmd_jobs, "list the latest jobs")
     add_option(jobs, "--status", env, type=_job_status, default=None, help="only this status")
     add_option(jobs, "--limit", env, type=_positive_int, default=50, help="at most this many")
+    add_option(jobs, "--kind", env, default=None, help="only jobs of this kind")
+    add_option(jobs, "--owner", env, default=None, help="only jobs of this owner (role)")
+    add_option(
+        jobs,
+        "--since",
+        env,
+        type=_since,
+        default=None,
+        help="only jobs created since: an ISO date/datetime, or a duration (2h, 7d) ago",
+    )
+
+    prune = command("prune", cmd_prune, "delete finished jobs older than the retention")
+    add_option(
+        prune,
+        "--retention",
+        env,
+        type=_duration,
+        default=_duration("30d"),
+        help="age of finished jobs to delete: 90s, 15m, 12h, 30d (default 30d)",
+    )
 
     show = command("show", cmd_show, "a job's fields, task counts and latest problems")
     show.add_argument("job_id", metavar="JOB_ID", type=_job_id)
@@ -556,13 +604,26 @@ async def cmd_submit(args: argparse.Namespace, url: str) -> int:
 async def cmd_jobs(args: argparse.Namespace, url: str) -> int:
     status = None if args.status is None else args.status.value
     async with _open_store(url) as store:
-        jobs = await store.list_jobs(status, args.limit)
+        jobs = await store.list_jobs(
+            status, args.limit, kind=args.kind, owner=args.owner, since=args.since
+        )
     if args.json:
         _print_json(jobs)
     elif not jobs:
         print("no jobs" + (f" with status {status}" if status else ""))
     else:
         _stdout().print(_jobs_table(jobs))
+    return 0
+
+
+async def cmd_prune(args: argparse.Namespace, url: str) -> int:
+    async with _open_store(url) as store:
+        jobs, tasks = await store.prune(args.retention)
+    _emit(
+        args,
+        {"jobs_deleted": jobs, "tasks_deleted": tasks},
+        f"deleted {jobs} finished jobs older than {args.retention:g}s and their {tasks} tasks",
+    )
     return 0
 
 

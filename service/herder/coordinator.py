@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+import asyncpg
 import structlog
 
 from herder.kinds import InvalidPayload, JobContext, get_kind, known_kinds
 from herder.metrics import Metrics
+from herder.resilience import TRANSIENT
 from herder.signals import Wakeup
 from herder.store import PreparationClaim, Store
 
@@ -110,12 +113,22 @@ class Coordinator:
         started = time.monotonic()
         try:
             total = await self._write_tasks(job, context, kind.prepare_resumes, kind.max_attempts)
+        except _PrepareRaised as raised:
+            exc = raised.__cause__
+            if isinstance(exc, InvalidPayload):
+                await self._fail(job, f"invalid payload: {exc}", bound)
+            else:
+                bound.error("prepare raised", exc_info=exc)
+                await self._fail(job, f"prepare failed: {type(exc).__name__}: {exc}", bound)
+            return
         except InvalidPayload as exc:
             await self._fail(job, f"invalid payload: {exc}", bound)
             return
-        except Exception as exc:  # the kind's code: anything can happen, the daemon goes on
-            bound.exception("prepare raised")
-            await self._fail(job, f"prepare failed: {type(exc).__name__}: {exc}", bound)
+        except asyncpg.PostgresError as exc:
+            if isinstance(exc, TRANSIENT):
+                raise  # the database is away: the job stays ours until the lease runs out
+            # A limit (max_tasks_per_job) or a payload PostgreSQL cannot store (\u0000).
+            await self._fail(job, f"the database refused the job's tasks: {exc}", bound)
             return
         if total is None:
             bound.info("preparation stopped: job canceled, restarted or taken over")
@@ -142,7 +155,7 @@ class Coordinator:
         last_flush = time.monotonic()
         payloads = kind.prepare_fn(context)
         try:
-            async for payload in payloads:
+            async for payload in _kind_code(payloads):
                 if to_skip:
                     to_skip -= 1
                     continue
@@ -165,6 +178,22 @@ class Coordinator:
             return None
         prepared.inc(len(batch))
         return seq
+
+
+class _PrepareRaised(Exception):
+    """The kind's prepare raised (the cause): the job fails. Kept apart from errors of
+    herder's own writes, which may only mean the database is briefly away."""
+
+
+async def _kind_code(payloads: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    while True:
+        try:
+            payload = await anext(payloads)
+        except StopAsyncIteration:
+            return
+        except Exception as exc:
+            raise _PrepareRaised from exc
+        yield payload
 
 
 def _check_json(payload: Any, seq: int) -> None:

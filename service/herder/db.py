@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import asyncpg
+import asyncpg.pool
 
 from herder.sql import schema_sql
 
@@ -16,9 +18,11 @@ _MIGRATE_LOCK = 0x6865726465720001
 if TYPE_CHECKING:
     Connection: TypeAlias = asyncpg.Connection[asyncpg.Record]
     Pool: TypeAlias = asyncpg.Pool[asyncpg.Record]
+    PoolConnection: TypeAlias = asyncpg.pool.PoolConnectionProxy[asyncpg.Record]
 else:
     Connection = asyncpg.Connection
     Pool = asyncpg.Pool
+    PoolConnection = asyncpg.pool.PoolConnectionProxy
 
 
 def _dumps(value: Any) -> str:
@@ -61,9 +65,36 @@ async def create_pool(url: str, *, min_size: int = 1, max_size: int = 8) -> Pool
 
 
 async def migrate(conn: Connection) -> int:
-    """Apply schema.sql; safe to repeat and to run from several hosts at once."""
+    """Apply schema.sql; safe to repeat and to run from several hosts at once.
+
+    A database already carrying this exact schema (same checksum) is left untouched, so a
+    daemon running as herder_worker, which may not create anything, can still start.
+    """
+    sql = schema_sql()
+    checksum = hashlib.sha256(sql.encode()).hexdigest()
+    if await _applied_checksum(conn) == checksum:
+        return SCHEMA_VERSION
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATE_LOCK)
-        await conn.execute(schema_sql())
+        await conn.execute(sql)
+        await conn.execute(
+            "UPDATE herder.schema_version SET checksum = $1 WHERE version = $2",
+            checksum,
+            SCHEMA_VERSION,
+        )
         version: int = await conn.fetchval("SELECT max(version) FROM herder.schema_version")
     return version
+
+
+async def _applied_checksum(conn: Connection) -> str | None:
+    try:
+        checksum: str | None = await conn.fetchval(
+            "SELECT checksum FROM herder.schema_version WHERE version = $1", SCHEMA_VERSION
+        )
+    except (
+        asyncpg.UndefinedTableError,
+        asyncpg.InvalidSchemaNameError,
+        asyncpg.UndefinedColumnError,
+    ):
+        return None
+    return checksum

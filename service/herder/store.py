@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from herder.db import Pool
+from herder.db import Pool, PoolConnection
 from herder.sql import QUERIES as Q
 from herder.states import JOB_HOOKED, JobStatus, Settlement, TaskCounts, settle
 
@@ -76,6 +77,7 @@ class FinishHookClaim:
 class Store:
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
+        self._copy_allowed: bool | None = None
 
     # ------------------------------------------------------------ preparation
 
@@ -101,17 +103,26 @@ class Store:
             if held is None:
                 return False
             if rows:
-                await conn.copy_records_to_table(
-                    "tasks",
-                    schema_name="herder",
-                    columns=("job_id", "seq", "payload"),
-                    records=rows,
-                )
+                await self._insert_tasks(conn, job.id, rows)
             if finish_max_attempts is None:
                 await conn.execute(Q["record_prepared"], job.id, prepared, lease)
             else:
                 await conn.execute(Q["finish_preparation"], job.id, prepared, finish_max_attempts)
         return True
+
+    async def _insert_tasks(
+        self, conn: PoolConnection, job_id: int, rows: Sequence[tuple[int, int, Any]]
+    ) -> None:
+        if self._copy_allowed is None:
+            self._copy_allowed = bool(await conn.fetchval(Q["copy_allowed"]))
+        if self._copy_allowed:
+            await conn.copy_records_to_table(
+                "tasks", schema_name="herder", columns=("job_id", "seq", "payload"), records=rows
+            )
+        else:
+            await conn.execute(
+                Q["insert_tasks"], job_id, [r[1] for r in rows], [r[2] for r in rows]
+            )
 
     async def fail_preparation(
         self, job: PreparationClaim, message: str, *, run_hook: bool
@@ -264,11 +275,62 @@ class Store:
         row = await self.pool.fetchrow(Q["get_job"], job_id)
         return None if row is None else dict(row)
 
-    async def list_jobs(self, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
-        return [dict(r) for r in await self.pool.fetch(Q["list_jobs"], status, limit)]
+    async def list_jobs(
+        self,
+        status: str | None = None,
+        limit: int = 50,
+        *,
+        kind: str | None = None,
+        owner: str | None = None,
+        since: datetime | None = None,
+    ) -> list[dict[str, Any]]:
+        rows = await self.pool.fetch(Q["list_jobs"], status, limit, kind, owner, since)
+        return [dict(r) for r in rows]
 
     async def job_problems(self, job_id: int, limit: int = 5) -> list[dict[str, Any]]:
         return [dict(r) for r in await self.pool.fetch(Q["job_failures"], job_id, limit)]
+
+    # ------------------------------------------------------------ health and metrics
+
+    async def ping(self) -> None:
+        await self.pool.fetchval(Q["ping"])
+
+    async def queue_depth(
+        self, job_statuses: Sequence[str]
+    ) -> tuple[dict[str, int], dict[str, int]]:
+        """Tasks by status (PENDING, IN_PROGRESS) and jobs by the given statuses."""
+        tasks: dict[str, int] = {}
+        jobs: dict[str, int] = {}
+        for row in await self.pool.fetch(Q["queue_depth"], list(job_statuses)):
+            (tasks if row["relation"] == "tasks" else jobs)[row["status"]] = row["n"]
+        return tasks, jobs
+
+    # ------------------------------------------------------------ retention
+
+    async def prune(
+        self, retention: float, *, jobs_per_batch: int = 100, tasks_per_batch: int = 5000
+    ) -> tuple[int, int]:
+        """Delete finished jobs older than ``retention`` seconds and their tasks, in
+        batches small enough never to hold up the workers. Returns (jobs, tasks)."""
+        jobs_deleted = tasks_deleted = 0
+        while True:
+            ids = [
+                r["id"]
+                for r in await self.pool.fetch(Q["prunable_jobs"], retention, jobs_per_batch)
+            ]
+            if not ids:
+                return jobs_deleted, tasks_deleted
+            while True:
+                status = await self.pool.execute(Q["prune_tasks"], ids, retention, tasks_per_batch)
+                deleted = int(status.split()[-1])
+                tasks_deleted += deleted
+                if deleted < tasks_per_batch:
+                    break
+            status = await self.pool.execute(Q["prune_jobs"], ids, retention)
+            deleted = int(status.split()[-1])
+            jobs_deleted += deleted
+            if not deleted:  # all of them restarted meanwhile: try again next time
+                return jobs_deleted, tasks_deleted
 
 
 CONTROL_ACTIONS = ("cancel", "resume", "retry", "restart", "verify")

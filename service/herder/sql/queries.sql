@@ -24,6 +24,17 @@ SELECT prepared FROM herder.jobs
 WHERE id = $1 AND generation = $2 AND preparer = $3 AND status = 'PREPARING'
 FOR UPDATE;
 
+-- name: copy_allowed
+-- COPY FROM refuses a role subject to row-level security (a daemon running as a plain
+-- herder_worker member); such a daemon writes its batches with insert_tasks instead.
+SELECT r.rolsuper OR r.rolbypassrls OR pg_has_role(c.relowner, 'USAGE')
+FROM pg_roles r, pg_class c
+WHERE r.rolname = current_user AND c.oid = 'herder.tasks'::regclass;
+
+-- name: insert_tasks
+INSERT INTO herder.tasks (job_id, seq, payload)
+SELECT $1, seq, payload FROM unnest($2::int[], $3::jsonb[]) AS b(seq, payload);
+
 -- name: record_prepared
 UPDATE herder.jobs
 SET prepared = $2, prepare_lease_until = clock_timestamp() + make_interval(secs => $3)
@@ -273,6 +284,9 @@ SELECT j.id, j.kind, j.status, j.priority, j.owner, j.message, j.created_at,
        j.started_at, j.ended_at
 FROM herder.jobs j
 WHERE ($1::text IS NULL OR j.status = $1)
+  AND ($3::text IS NULL OR j.kind = $3)
+  AND ($4::text IS NULL OR j.owner = $4)
+  AND ($5::timestamptz IS NULL OR j.created_at >= $5)
 ORDER BY j.id DESC
 LIMIT $2;
 
@@ -281,3 +295,51 @@ SELECT id, seq, status, attempts, message FROM herder.tasks
 WHERE job_id = $1 AND status IN ('FAILURE', 'WARNING')
 ORDER BY ended_at DESC NULLS LAST, id DESC
 LIMIT $2;
+
+-- name: ping
+SELECT 1;
+
+-- name: queue_depth
+-- Read at every scrape, so it must stay cheap: the task counts are index-only scans of
+-- the partial indexes tasks_pending_idx and tasks_running_idx (their size is the queue,
+-- not the history), and only unfinished jobs are counted (jobs_status_idx).
+SELECT 'tasks' AS relation, 'PENDING' AS status, count(*) AS n
+FROM herder.tasks WHERE status = 'PENDING'
+UNION ALL
+SELECT 'tasks', 'IN_PROGRESS', count(*)
+FROM herder.tasks WHERE status = 'IN_PROGRESS'
+UNION ALL
+SELECT 'jobs', status, count(*)
+FROM herder.jobs WHERE status = ANY($1::text[])
+GROUP BY status;
+
+-- ---------------------------------------------------------------- retention
+
+-- name: prunable_jobs
+-- Finished jobs older than the retention whose on_finished hook has run, oldest first.
+SELECT id FROM herder.jobs
+WHERE status IN ('SUCCESS', 'WARNING', 'FAILURE', 'CANCELED') AND NOT finish_pending
+  AND ended_at < clock_timestamp() - make_interval(secs => $1)
+ORDER BY ended_at
+LIMIT $2;
+
+-- name: prune_tasks
+-- One small batch per statement, so no transaction holds many locks or runs long; the
+-- job's status is checked again in case it was restarted meanwhile.
+WITH doomed AS (
+    SELECT t.id FROM herder.tasks t
+    WHERE t.job_id IN (
+        SELECT id FROM herder.jobs
+        WHERE id = ANY($1::bigint[])
+          AND status IN ('SUCCESS', 'WARNING', 'FAILURE', 'CANCELED')
+          AND ended_at < clock_timestamp() - make_interval(secs => $2)
+    )
+    LIMIT $3
+)
+DELETE FROM herder.tasks t USING doomed WHERE t.id = doomed.id;
+
+-- name: prune_jobs
+DELETE FROM herder.jobs
+WHERE id = ANY($1::bigint[])
+  AND status IN ('SUCCESS', 'WARNING', 'FAILURE', 'CANCELED') AND NOT finish_pending
+  AND ended_at < clock_timestamp() - make_interval(secs => $2);

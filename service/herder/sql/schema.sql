@@ -3,9 +3,27 @@
 
 CREATE SCHEMA IF NOT EXISTS herder;
 
+-- Roles are cluster-wide: create them only when missing (contract section 7).
+--   herder_submitter: submit jobs, see and control its own jobs, read their tasks.
+--   herder_worker:    what the daemon needs, no more.
+--   herder_urgent:    may submit above herder.settings max_priority.
+DO $$
+DECLARE
+    role_name text;
+BEGIN
+    FOREACH role_name IN ARRAY ARRAY['herder_submitter', 'herder_worker', 'herder_urgent'] LOOP
+        IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = role_name) THEN
+            EXECUTE format('CREATE ROLE %I NOLOGIN', role_name);
+        END IF;
+    END LOOP;
+END;
+$$;
+
 CREATE TABLE IF NOT EXISTS herder.schema_version (
     version    int PRIMARY KEY,
-    applied_at timestamptz NOT NULL DEFAULT clock_timestamp()
+    applied_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    -- sha256 of the schema.sql last applied: migrate skips a database already up to date.
+    checksum   text
 );
 
 CREATE TABLE IF NOT EXISTS herder.jobs (
@@ -88,7 +106,57 @@ CREATE INDEX IF NOT EXISTS jobs_finish_pending_idx ON herder.jobs (id)
     WHERE finish_pending;
 CREATE INDEX IF NOT EXISTS jobs_status_idx ON herder.jobs (status, id);
 
-CREATE OR REPLACE VIEW herder.job_progress AS
+-- Limits enforced at the door, so a psql user gets a clear error at INSERT time. Change
+-- them with UPDATE herder.settings SET value = ... WHERE name = ...; migrate keeps edits.
+CREATE TABLE IF NOT EXISTS herder.settings (
+    name        text PRIMARY KEY,
+    value       bigint NOT NULL,
+    description text NOT NULL
+);
+INSERT INTO herder.settings (name, value, description) VALUES
+    ('max_payload_bytes', 1048576, 'largest job payload accepted, in bytes of JSON text'),
+    ('max_tasks_per_job', 10000000, 'most tasks one job may prepare'),
+    ('max_priority', 10, 'highest priority a role not granted herder_urgent may submit')
+ON CONFLICT (name) DO NOTHING;
+
+CREATE OR REPLACE FUNCTION herder.setting(setting_name text) RETURNS bigint
+LANGUAGE sql STABLE AS $$
+    SELECT value FROM herder.settings WHERE name = setting_name;
+$$;
+
+CREATE OR REPLACE FUNCTION herder.check_job_limits() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    size bigint;
+BEGIN
+    IF TG_OP = 'INSERT' OR NEW.payload IS DISTINCT FROM OLD.payload THEN
+        size := octet_length(NEW.payload::text);
+        IF size > herder.setting('max_payload_bytes') THEN
+            RAISE EXCEPTION 'job payload is % bytes; the limit is % (herder.settings max_payload_bytes)',
+                size, herder.setting('max_payload_bytes') USING ERRCODE = 'check_violation';
+        END IF;
+    END IF;
+    IF (TG_OP = 'INSERT' OR NEW.priority IS DISTINCT FROM OLD.priority)
+       AND NEW.priority > herder.setting('max_priority')
+       AND NOT pg_has_role(current_user, 'herder_urgent', 'MEMBER') THEN
+        RAISE EXCEPTION 'priority % is above % and role % is not granted herder_urgent',
+            NEW.priority, herder.setting('max_priority'), current_user
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    IF TG_OP = 'UPDATE' AND NEW.prepared > OLD.prepared
+       AND NEW.prepared > herder.setting('max_tasks_per_job') THEN
+        RAISE EXCEPTION 'job % has more than % tasks (herder.settings max_tasks_per_job)',
+            NEW.id, herder.setting('max_tasks_per_job') USING ERRCODE = 'check_violation';
+    END IF;
+    RETURN NEW;
+END;
+$$;
+
+DROP TRIGGER IF EXISTS jobs_limits ON herder.jobs;
+CREATE TRIGGER jobs_limits BEFORE INSERT OR UPDATE OF payload, priority, prepared ON herder.jobs
+    FOR EACH ROW EXECUTE FUNCTION herder.check_job_limits();
+
+CREATE OR REPLACE VIEW herder.job_progress WITH (security_invoker = true) AS
 SELECT j.id AS job_id,
        count(t.id) AS total,
        count(t.id) FILTER (WHERE t.status = 'PENDING') AS pending,
@@ -124,11 +192,21 @@ LANGUAGE sql AS $$
     RETURNING id;
 $$;
 
+-- Control functions run as their owner (SECURITY DEFINER, fixed search_path) so that a
+-- submitter can cancel its job without being able to write tasks. They act only on jobs
+-- the calling login role owns, unless it is a daemon (herder_worker) or a superuser; a
+-- job of someone else's answers false, like a job that does not exist.
+CREATE OR REPLACE FUNCTION herder.may_control(job_owner text) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT job_owner = session_user
+        OR pg_catalog.pg_has_role(session_user, 'herder_worker', 'MEMBER');
+$$;
+
 CREATE OR REPLACE FUNCTION herder.verify_job(job_id bigint) RETURNS boolean
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     UPDATE herder.jobs SET status = 'PREPARING'
-    WHERE id = verify_job.job_id AND status = 'UNVERIFIED';
+    WHERE id = verify_job.job_id AND status = 'UNVERIFIED' AND herder.may_control(owner);
     IF NOT FOUND THEN
         RETURN false;
     END IF;
@@ -140,11 +218,12 @@ $$;
 -- Pending tasks are canceled here, at once. Running ones are cancelled by their daemons
 -- (herder_cancel), which also settle the job CANCELED once none runs.
 CREATE OR REPLACE FUNCTION herder.cancel_job(job_id bigint) RETURNS boolean
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     UPDATE herder.jobs SET status = 'CANCELING'
     WHERE id = cancel_job.job_id
-      AND status IN ('UNVERIFIED', 'PREPARING', 'PENDING', 'IN_PROGRESS');
+      AND status IN ('UNVERIFIED', 'PREPARING', 'PENDING', 'IN_PROGRESS')
+      AND herder.may_control(owner);
     IF NOT FOUND THEN
         RETURN false;
     END IF;
@@ -159,14 +238,14 @@ $$;
 -- CANCELED: the canceled tasks run again. A job canceled during its preparation goes
 -- back to PREPARING and continues where it stopped.
 CREATE OR REPLACE FUNCTION herder.resume_job(job_id bigint) RETURNS boolean
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     was_prepared boolean;
 BEGIN
     UPDATE herder.jobs
     SET status = CASE WHEN prepared_at IS NULL THEN 'PREPARING' ELSE 'PENDING' END,
         message = NULL, ended_at = NULL, preparer = NULL, prepare_lease_until = NULL
-    WHERE id = resume_job.job_id AND status = 'CANCELED'
+    WHERE id = resume_job.job_id AND status = 'CANCELED' AND herder.may_control(owner)
     RETURNING prepared_at IS NOT NULL INTO was_prepared;
     IF NOT FOUND THEN
         RETURN false;
@@ -183,12 +262,12 @@ $$;
 -- FAILURE: only the failed tasks run again, each with a fresh attempt budget. A job
 -- whose preparation failed is prepared afresh.
 CREATE OR REPLACE FUNCTION herder.retry_job(job_id bigint) RETURNS boolean
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     was_prepared boolean;
 BEGIN
     SELECT prepared_at IS NOT NULL INTO was_prepared FROM herder.jobs
-    WHERE id = retry_job.job_id AND status = 'FAILURE'
+    WHERE id = retry_job.job_id AND status = 'FAILURE' AND herder.may_control(owner)
     FOR UPDATE;
     IF NOT FOUND THEN
         RETURN false;
@@ -211,14 +290,15 @@ $$;
 -- A finished job is prepared afresh: its tasks are deleted and the generation bumped so
 -- nothing from the previous run can write to it.
 CREATE OR REPLACE FUNCTION herder.restart_job(job_id bigint) RETURNS boolean
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     UPDATE herder.jobs
     SET status = 'PREPARING', generation = generation + 1, prepared = 0,
         prepared_at = NULL, preparer = NULL, prepare_lease_until = NULL, message = NULL,
         started_at = NULL, ended_at = NULL, finish_pending = false
     WHERE id = restart_job.job_id
-      AND status IN ('SUCCESS', 'WARNING', 'FAILURE', 'CANCELED');
+      AND status IN ('SUCCESS', 'WARNING', 'FAILURE', 'CANCELED')
+      AND herder.may_control(owner);
     IF NOT FOUND THEN
         RETURN false;
     END IF;
@@ -227,5 +307,40 @@ BEGIN
     RETURN true;
 END;
 $$;
+
+-- ---------------------------------------------------------------- privileges
+
+ALTER TABLE herder.jobs ENABLE ROW LEVEL SECURITY;
+ALTER TABLE herder.tasks ENABLE ROW LEVEL SECURITY;
+
+DROP POLICY IF EXISTS jobs_worker ON herder.jobs;
+CREATE POLICY jobs_worker ON herder.jobs TO herder_worker USING (true) WITH CHECK (true);
+DROP POLICY IF EXISTS tasks_worker ON herder.tasks;
+CREATE POLICY tasks_worker ON herder.tasks TO herder_worker USING (true) WITH CHECK (true);
+
+DROP POLICY IF EXISTS jobs_own_read ON herder.jobs;
+CREATE POLICY jobs_own_read ON herder.jobs FOR SELECT TO herder_submitter
+    USING (owner = current_user);
+-- A submitter's INSERT may set kind, payload, priority and an initial status (the column
+-- grants below); the owner is always itself.
+DROP POLICY IF EXISTS jobs_own_insert ON herder.jobs;
+CREATE POLICY jobs_own_insert ON herder.jobs FOR INSERT TO herder_submitter
+    WITH CHECK (owner = current_user AND status IN ('PREPARING', 'UNVERIFIED'));
+DROP POLICY IF EXISTS tasks_own_read ON herder.tasks;
+CREATE POLICY tasks_own_read ON herder.tasks FOR SELECT TO herder_submitter
+    USING (EXISTS (SELECT 1 FROM herder.jobs j WHERE j.id = job_id AND j.owner = current_user));
+
+GRANT USAGE ON SCHEMA herder TO herder_submitter, herder_worker;
+GRANT SELECT ON herder.jobs, herder.tasks, herder.job_progress, herder.settings,
+    herder.schema_version TO herder_submitter, herder_worker;
+GRANT INSERT (kind, payload, priority, status) ON herder.jobs TO herder_submitter;
+GRANT INSERT, UPDATE, DELETE ON herder.jobs, herder.tasks TO herder_worker;
+
+REVOKE ALL ON FUNCTION herder.verify_job(bigint), herder.cancel_job(bigint),
+    herder.resume_job(bigint), herder.retry_job(bigint), herder.restart_job(bigint)
+    FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION herder.verify_job(bigint), herder.cancel_job(bigint),
+    herder.resume_job(bigint), herder.retry_job(bigint), herder.restart_job(bigint)
+    TO herder_submitter, herder_worker;
 
 INSERT INTO herder.schema_version (version) VALUES (1) ON CONFLICT DO NOTHING;
