@@ -7,7 +7,6 @@ and the job becomes PENDING in the transaction that writes the last batch.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,6 +15,7 @@ import anyio
 import asyncpg
 import structlog
 
+from herder.db import EncodedJSON, dumps
 from herder.kinds import InvalidPayload, JobContext, get_kind, known_kinds
 from herder.metrics import Metrics
 from herder.resilience import TRANSIENT
@@ -159,8 +159,7 @@ class Coordinator:
                 if to_skip:
                     to_skip -= 1
                     continue
-                _check_json(payload, seq)
-                batch.append((job.id, seq, payload))
+                batch.append((job.id, seq, _encoded(payload, seq)))
                 seq += 1
                 if len(batch) >= self.batch_size or (
                     time.monotonic() - last_flush >= self.flush_seconds
@@ -196,9 +195,10 @@ async def _kind_code(payloads: AsyncIterator[Any]) -> AsyncIterator[Any]:
         yield payload
 
 
-def _check_json(payload: Any, seq: int) -> None:
+def _encoded(payload: Any, seq: int) -> EncodedJSON:
+    """Serialise once: this both validates the payload and is what COPY sends."""
     try:
-        json.dumps(payload)
+        return EncodedJSON(dumps(payload))
     except (TypeError, ValueError) as exc:
         raise InvalidPayload(
             f"prepare yielded a task payload that is not JSON (task {seq}): {exc}"

@@ -25,8 +25,19 @@ else:
     PoolConnection = asyncpg.pool.PoolConnectionProxy
 
 
+class EncodedJSON(str):
+    """JSON text already serialised (and so already validated): written as it is."""
+
+    __slots__ = ()
+
+
+def dumps(value: Any) -> str:
+    """JSON as herder writes it; raises TypeError/ValueError for what is not JSON."""
+    return json.dumps(value, separators=(",", ":"), allow_nan=False)
+
+
 def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
+    return value if isinstance(value, EncodedJSON) else dumps(value)
 
 
 # jsonb's binary wire format is a version byte (1) followed by the JSON text. Binary is

@@ -79,6 +79,7 @@ class Metrics:
             registry=r,
         )
         self.running = Gauge("herder_tasks_running", "Tasks in a handler now", registry=r)
+        self._durations: dict[str, Histogram] = {}
 
     def claimed(self, tasks: int) -> None:
         self.claims.inc()
@@ -86,11 +87,17 @@ class Metrics:
 
     def finished(self, outcomes: Iterable[tuple[str, str, float]]) -> int:
         """Record (kind, status, seconds) of a batch of outcomes; returns how many."""
+        counts: dict[tuple[str, str], int] = {}
         n = 0
         for kind, status, seconds in outcomes:
-            self.tasks_finished.labels(kind, status).inc()
-            self.task_duration.labels(kind).observe(seconds)
+            counts[kind, status] = counts.get((kind, status), 0) + 1
+            durations = self._durations.get(kind)
+            if durations is None:
+                durations = self._durations[kind] = self.task_duration.labels(kind)
+            durations.observe(seconds)
             n += 1
+        for (kind, status), count in counts.items():
+            self.tasks_finished.labels(kind, status).inc(count)
         self.completion_batch.observe(n)
         return n
 

@@ -9,7 +9,6 @@ leases of everything held.
 
 from __future__ import annotations
 
-import json
 import time
 import traceback
 from collections import deque
@@ -18,6 +17,7 @@ from typing import Any
 import anyio
 import structlog
 
+from herder.db import dumps
 from herder.kinds import Kind, Retry, TaskContext, TaskWarning, get_kind
 from herder.metrics import Metrics
 from herder.resilience import supervise
@@ -53,7 +53,9 @@ class Worker:
         self.concurrency = concurrency
         self.lease = lease
         self.poll_interval = poll_interval
-        self.prefetch = prefetch or max(4 * concurrency, 256)
+        # Claims and completions are batched; the local queue must hold a couple of
+        # batches so a claim is always in flight while executors drain the last one.
+        self.prefetch = prefetch or max(4 * concurrency, 2 * claim_batch)
         self.claim_batch = claim_batch
         self.complete_batch = complete_batch
         self.flush_seconds = flush_seconds
@@ -239,7 +241,7 @@ class Worker:
         if value is None:
             return self._outcome(task, status, message)
         try:
-            result_json = json.dumps(value, separators=(",", ":"), allow_nan=False)
+            result_json = dumps(value)
         except (TypeError, ValueError) as exc:
             return self._outcome(
                 task, TaskStatus.FAILURE, f"process returned a result that is not JSON: {exc}"
