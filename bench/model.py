@@ -1,0 +1,119 @@
+"""What the benchmark measures, as plain dataclasses (they become results.json)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Throughput:
+    """No-op tasks through one system: rate from the first start to the last end (the
+    systems' own timestamps), and the wall time from submission to settlement."""
+
+    system: str
+    tasks: int
+    concurrency: int
+    workers: int
+    run_seconds: float
+    rate: float
+    wall_seconds: float
+    wall_rate: float
+    prepare_seconds: float | None = None
+    worker_cpu_seconds: float = 0.0
+    worker_cores: float = 0.0  # worker CPU seconds per second of the run
+    machine_cpu_busy: float = 0.0  # share of all cores busy during the run, 0..1
+    server_cores: float | None = None  # PostgreSQL's CPU seconds per second of the run
+    bench_cores: float = 0.0  # the measuring process's own CPU (deferring, polling)
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Latency:
+    """Commit-to-start latency of single-task jobs inserted one by one on an idle worker."""
+
+    system: str
+    samples: int
+    interval_seconds: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    mean_ms: float
+    # herder only: how much of it is preparation (job commit -> job PENDING)
+    prepare_p50_ms: float | None = None
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Prepare:
+    """A big job from its INSERT's commit to PENDING (``prepared_at``)."""
+
+    tasks: int
+    seconds: float
+    rate: float
+    daemon_peak_rss_mb: float
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Soak:
+    """Many tasks through one daemon: the first window of them against the last."""
+
+    tasks: int
+    jobs: int
+    window: int
+    first_rate: float
+    last_rate: float
+    ratio: float  # last_rate / first_rate
+    run_seconds: float
+    rate: float
+    daemon_peak_rss_mb: float
+    timeline: list[tuple[float, float]] = field(default_factory=list)  # (t, tasks/s)
+    # per job: seconds after the first task start when it was created, prepared, ...
+    job_times: list[dict[str, float]] = field(default_factory=list)
+    table: dict[str, float] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ScaleOut:
+    """Tasks of ``task_ms`` through one daemon, then through ``daemons`` daemons."""
+
+    tasks: int
+    task_ms: float
+    daemons: int
+    one: Throughput
+    many: Throughput
+
+    @property
+    def ratio(self) -> float:
+        return self.many.rate / self.one.rate if self.one.rate else 0.0
+
+
+@dataclass
+class Profile:
+    """Where the time went during herder's throughput run (``--profile``)."""
+
+    # py-spy on the daemon: leaf frames, and the innermost herder frame of each sample
+    leaf_frames: list[tuple[str, float]] = field(default_factory=list)
+    herder_frames: list[tuple[str, float]] = field(default_factory=list)
+    # pg_stat_activity samples: (statement, wait event, mean active backends)
+    db_statements: list[tuple[str, str, float]] = field(default_factory=list)
+    db_samples: int = 0
+
+
+@dataclass
+class Memory:
+    peak_rss_mb: float
+    by_phase: dict[str, float] = field(default_factory=dict)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (0..100) of ``values``."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)

@@ -1,0 +1,73 @@
+"""The Procrastinate side: an app with one no-op task, shared by the process that defers
+and the worker process (``python -m bench.procrastinate_app URL --concurrency N``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import anyio
+from procrastinate import App, PsycopgConnector
+
+TASK_NAME = "bench_noop"
+QUEUE = "bench"
+
+
+def make_app(url: str, **pool: Any) -> App:
+    app = App(connector=PsycopgConnector(conninfo=url, **pool))
+
+    @app.task(name=TASK_NAME, queue=QUEUE)
+    async def noop() -> None:
+        return None
+
+    return app
+
+
+async def _work(args: argparse.Namespace) -> None:
+    app = make_app(args.url, min_size=1, max_size=max(4, args.concurrency + 2))
+    async with app.open_async():
+        ready: Callable[[], Coroutine[Any, Any, None]] | None = None
+        if args.ready_file:
+            ready_file = anyio.Path(args.ready_file)
+
+            async def ready() -> None:
+                # The worker registers itself (procrastinate_workers) before it fetches;
+                # give its LISTEN a moment more, then say we are ready.
+                with anyio.fail_after(30):
+                    await _until_registered(app)
+                await anyio.sleep(0.3)
+                await ready_file.write_text(str(os.getpid()))
+
+        async with anyio.create_task_group() as tg:
+            if ready is not None:
+                tg.start_soon(ready)
+            await app.run_worker_async(
+                concurrency=args.concurrency,
+                queues=[QUEUE],
+                wait=True,
+                install_signal_handlers=True,
+            )
+
+
+async def _until_registered(app: App) -> None:
+    query = "SELECT count(*) AS n FROM procrastinate_workers"
+    while not (await app.connector.execute_query_one_async(query))["n"]:  # noqa: ASYNC110
+        await anyio.sleep(0.02)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.procrastinate_app", description=__doc__)
+    parser.add_argument("url")
+    parser.add_argument("--concurrency", type=int, default=10)
+    parser.add_argument("--ready-file", default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    anyio.run(_work, args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
