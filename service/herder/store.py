@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from herder.db import Pool, PoolConnection
+from herder.db import Pool
 from herder.sql import QUERIES as Q
 from herder.states import JOB_HOOKED, JobStatus, Settlement, TaskCounts, settle
 
@@ -98,31 +98,35 @@ class Store:
         """Commit a batch of (job_id, seq, payload) while this preparation still holds the
         job; with ``finish_max_attempts``, also commit the job PENDING in the same
         transaction. False when the job was canceled, restarted or taken over."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            held = await conn.fetchval(Q["lock_preparation"], job.id, job.generation, preparer)
-            if held is None:
-                return False
-            if rows:
-                await self._insert_tasks(conn, job.id, rows)
-            if finish_max_attempts is None:
-                await conn.execute(Q["record_prepared"], job.id, prepared, lease)
-            else:
-                await conn.execute(Q["finish_preparation"], job.id, prepared, finish_max_attempts)
-        return True
-
-    async def _insert_tasks(
-        self, conn: PoolConnection, job_id: int, rows: Sequence[tuple[int, int, Any]]
-    ) -> None:
-        if self._copy_allowed is None:
-            self._copy_allowed = bool(await conn.fetchval(Q["copy_allowed"]))
-        if self._copy_allowed:
-            await conn.copy_records_to_table(
-                "tasks", schema_name="herder", columns=("job_id", "seq", "payload"), records=rows
-            )
+        last_arg: float | int
+        if finish_max_attempts is None:
+            query, last_arg = Q["write_batch"], lease
         else:
-            await conn.execute(
-                Q["insert_tasks"], job_id, [r[1] for r in rows], [r[2] for r in rows]
-            )
+            query, last_arg = Q["write_last_batch"], finish_max_attempts
+        head = (job.id, job.generation, preparer)
+        async with self.pool.acquire() as conn:
+            if self._copy_allowed is None:
+                self._copy_allowed = bool(await conn.fetchval(Q["copy_allowed"]))
+            # COPY is the fastest way in, but costs extra round trips: big batches only.
+            if not (self._copy_allowed and len(rows) >= COPY_THRESHOLD):
+                seqs, payloads = [r[1] for r in rows], [r[2] for r in rows]
+                return (
+                    await conn.fetchval(query, *head, seqs, payloads, prepared, last_arg)
+                    is not None
+                )
+            try:
+                async with conn.transaction():
+                    await conn.copy_records_to_table(
+                        "tasks",
+                        schema_name="herder",
+                        columns=("job_id", "seq", "payload"),
+                        records=rows,
+                    )
+                    if await conn.fetchval(query, *head, [], [], prepared, last_arg) is None:
+                        raise _NotOurs  # roll the batch back
+            except _NotOurs:
+                return False
+        return True
 
     async def fail_preparation(
         self, job: PreparationClaim, message: str, *, run_hook: bool
@@ -143,9 +147,7 @@ class Store:
     # ------------------------------------------------------------ tasks
 
     async def claim_tasks(self, limit: int, worker: str, lease: float) -> list[ClaimedTask]:
-        async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(Q["claim_plan"])
-            rows = await conn.fetch(Q["claim_tasks"], limit, worker, lease)
+        rows = await self.pool.fetch(Q["claim_tasks"], limit, worker, lease)
         return [
             ClaimedTask(
                 r["id"],
@@ -334,3 +336,8 @@ class Store:
 
 
 CONTROL_ACTIONS = ("cancel", "resume", "retry", "restart", "verify")
+COPY_THRESHOLD = 1000
+
+
+class _NotOurs(Exception):
+    """The job was canceled, restarted or taken over while a batch was being written."""

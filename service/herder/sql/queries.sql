@@ -17,39 +17,49 @@ WHERE j.id = (
 )
 RETURNING j.id, j.kind, j.payload, j.priority, j.owner, j.generation, j.prepared;
 
--- name: lock_preparation
--- Taken before every batch of tasks: the batch is written only while this daemon still
--- holds this generation's preparation of a PREPARING job. cancel_job waits for it.
-SELECT prepared FROM herder.jobs
-WHERE id = $1 AND generation = $2 AND preparer = $3 AND status = 'PREPARING'
-FOR UPDATE;
-
 -- name: copy_allowed
 -- COPY FROM refuses a role subject to row-level security (a daemon running as a plain
--- herder_worker member); such a daemon writes its batches with insert_tasks instead.
+-- herder_worker member); such a daemon writes every batch with write_batch.
 SELECT r.rolsuper OR r.rolbypassrls OR pg_has_role(c.relowner, 'USAGE')
 FROM pg_roles r, pg_class c
 WHERE r.rolname = current_user AND c.oid = 'herder.tasks'::regclass;
 
--- name: insert_tasks
-INSERT INTO herder.tasks (job_id, seq, payload)
-SELECT $1, seq, payload FROM unnest($2::int[], $3::jsonb[]) AS b(seq, payload);
-
--- name: record_prepared
-UPDATE herder.jobs
-SET prepared = $2, prepare_lease_until = clock_timestamp() + make_interval(secs => $3)
-WHERE id = $1;
-
--- name: finish_preparation
--- The commit that makes the job's tasks claimable, and wakes the workers.
-WITH done AS (
-    UPDATE herder.jobs
-    SET status = 'PENDING', prepared = $2, prepared_at = clock_timestamp(), preparer = NULL,
-        prepare_lease_until = NULL, max_attempts = $3
-    WHERE id = $1
-    RETURNING id
+-- name: write_batch
+-- One statement: the batch ($4 seqs, $5 payloads) is written only while this daemon still
+-- holds this generation's preparation of a PREPARING job (cancel_job waits for the row
+-- lock), and the job's `prepared` count commits with it, so a resumed preparation knows
+-- exactly where to continue. Returns no row when the job is no longer ours.
+WITH held AS (
+    SELECT id FROM herder.jobs
+    WHERE id = $1 AND generation = $2 AND preparer = $3 AND status = 'PREPARING'
+    FOR UPDATE
+), written AS (
+    INSERT INTO herder.tasks (job_id, seq, payload)
+    SELECT held.id, b.seq, b.payload FROM held, unnest($4::int[], $5::jsonb[]) AS b(seq, payload)
 )
-SELECT pg_notify('herder_tasks', '') FROM done;
+UPDATE herder.jobs j
+SET prepared = $6, prepare_lease_until = clock_timestamp() + make_interval(secs => $7)
+FROM held WHERE j.id = held.id
+RETURNING j.id;
+
+-- name: write_last_batch
+-- The same, for the last batch: the commit that makes the job's tasks claimable (PENDING)
+-- and wakes the workers.
+WITH held AS (
+    SELECT id FROM herder.jobs
+    WHERE id = $1 AND generation = $2 AND preparer = $3 AND status = 'PREPARING'
+    FOR UPDATE
+), written AS (
+    INSERT INTO herder.tasks (job_id, seq, payload)
+    SELECT held.id, b.seq, b.payload FROM held, unnest($4::int[], $5::jsonb[]) AS b(seq, payload)
+), done AS (
+    UPDATE herder.jobs j
+    SET status = 'PENDING', prepared = $6, prepared_at = clock_timestamp(), preparer = NULL,
+        prepare_lease_until = NULL, max_attempts = $7
+    FROM held WHERE j.id = held.id
+    RETURNING j.id
+)
+SELECT id, pg_notify('herder_tasks', '') FROM done;
 
 -- name: fail_preparation
 WITH failed AS (
@@ -73,43 +83,9 @@ WHERE id = ANY($1::bigint[]) AND preparer = $2 AND status = 'PREPARING';
 
 -- ---------------------------------------------------------------- tasks
 
--- name: claim_plan
--- Run before claim_tasks, in its transaction. The planner cannot know how many tasks a
--- job has pending (a bulk-loaded job looks like a handful), and for a handful it prefers
--- a bitmap scan of the job's whole pending set plus a sort: 80 ms for a 200k-task job
--- instead of 0.3 ms for an ordered index scan that stops at the LIMIT.
-SET LOCAL enable_bitmapscan = off; SET LOCAL plan_cache_mode = force_generic_plan;
-
 -- name: claim_tasks
--- Claimable means: the task is PENDING and due, and its job is PENDING or IN_PROGRESS in
--- the same snapshot. A job that is still PREPARING is never joined, so its tasks cannot
--- start however early they were written. Jobs are walked in priority order (a small,
--- indexed set); each job's due tasks come from the partial index in preparation order.
-WITH claimed AS (
-    UPDATE herder.tasks t
-    SET status = 'IN_PROGRESS', attempts = t.attempts + 1, started_at = clock_timestamp(),
-        ended_at = NULL, worker = $2,
-        lease_until = clock_timestamp() + make_interval(secs => $3)
-    FROM (
-        SELECT c.id, j.kind, j.status AS job_status, j.max_attempts, j.priority, j.id AS jid
-        FROM herder.jobs j
-        CROSS JOIN LATERAL (
-            SELECT p.id FROM herder.tasks p
-            WHERE p.job_id = j.id AND p.status = 'PENDING'
-              AND (p.run_at IS NULL OR p.run_at <= clock_timestamp())
-            ORDER BY p.seq
-            LIMIT $1
-            FOR UPDATE SKIP LOCKED
-        ) c
-        WHERE j.status IN ('PENDING', 'IN_PROGRESS')
-        ORDER BY j.priority DESC, j.id
-        LIMIT $1
-    ) pick
-    WHERE t.id = pick.id
-    RETURNING t.id, t.job_id, t.seq, t.payload, t.attempts, t.attempts_base, pick.kind,
-              pick.job_status, pick.max_attempts, pick.priority
-)
-SELECT * FROM claimed ORDER BY priority DESC, id;
+-- See herder.claim_tasks in schema.sql: one round trip, planner settings attached.
+SELECT * FROM herder.claim_tasks($1, $2, $3);
 
 -- name: start_jobs
 -- PENDING -> IN_PROGRESS once a task of the job has started. Locks in id order so two

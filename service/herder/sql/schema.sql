@@ -169,6 +169,55 @@ FROM herder.jobs j
 LEFT JOIN herder.tasks t ON t.job_id = j.id
 GROUP BY j.id;
 
+-- Claim up to `batch` tasks for a worker. Claimable means: the task is PENDING and due,
+-- and its job is PENDING or IN_PROGRESS in the same snapshot. A job that is still
+-- PREPARING is never joined, so its tasks cannot start however early they were written.
+-- Jobs are walked in priority order (a small, indexed set); each job's due tasks come
+-- from the partial index in preparation order.
+--
+-- A plpgsql function (its plan is cached per session) for its SET clause: the planner cannot know how many tasks a job has
+-- pending (a bulk-loaded job looks like a handful), and for a handful it prefers a bitmap
+-- scan of the job's whole pending set plus a sort: 80 ms for a 200k-task job instead of
+-- 0.3 ms for an ordered index scan that stops at the LIMIT.
+CREATE OR REPLACE FUNCTION herder.claim_tasks(batch int, worker_name text, lease_seconds float8)
+RETURNS TABLE (id bigint, job_id bigint, seq int, payload jsonb, attempts int,
+               attempts_base int, kind text, job_status text, max_attempts int, priority int)
+LANGUAGE plpgsql VOLATILE
+SET enable_bitmapscan = off
+AS $$
+#variable_conflict use_column
+BEGIN
+RETURN QUERY
+WITH claimed AS (
+    UPDATE herder.tasks t
+    SET status = 'IN_PROGRESS', attempts = t.attempts + 1, started_at = clock_timestamp(),
+        ended_at = NULL, worker = worker_name,
+        lease_until = clock_timestamp() + make_interval(secs => lease_seconds)
+    FROM (
+        SELECT c.id, j.kind, j.status AS job_status, j.max_attempts, j.priority, j.id AS jid
+        FROM herder.jobs j
+        CROSS JOIN LATERAL (
+            SELECT p.id FROM herder.tasks p
+            WHERE p.job_id = j.id AND p.status = 'PENDING'
+              AND (p.run_at IS NULL OR p.run_at <= clock_timestamp())
+            ORDER BY p.seq
+            LIMIT batch
+            FOR UPDATE SKIP LOCKED
+        ) c
+        WHERE j.status IN ('PENDING', 'IN_PROGRESS')
+        ORDER BY j.priority DESC, j.id
+        LIMIT batch
+    ) pick
+    WHERE t.id = pick.id
+    RETURNING t.id, t.job_id, t.seq, t.payload, t.attempts, t.attempts_base, pick.kind,
+              pick.job_status, pick.max_attempts, pick.priority
+)
+SELECT c.id, c.job_id, c.seq, c.payload, c.attempts, c.attempts_base, c.kind,
+       c.job_status, c.max_attempts, c.priority
+FROM claimed c ORDER BY c.priority DESC, c.id;
+END;
+$$;
+
 -- Wake-ups. One NOTIFY per statement (never per row): a committing transaction that
 -- sent NOTIFY takes a database-wide lock, and identical notifications in one
 -- transaction are folded into one.
