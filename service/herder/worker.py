@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 import traceback
 from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -30,6 +31,15 @@ log = structlog.get_logger("herder.worker")
 # Why a running task's scope was cancelled; decides what is written for it.
 _JOB_STOPPED = "job stopped"
 _SHUTDOWN = "shutdown"
+
+
+@dataclass(slots=True)
+class _Slot:
+    """An executor's cancel scope, shared by the tasks it runs one after another."""
+
+    scope: anyio.CancelScope
+    #: Why the scope was cancelled: _JOB_STOPPED or _SHUTDOWN.
+    reason: list[str] = field(default_factory=list)
 
 
 class Worker:
@@ -66,7 +76,7 @@ class Worker:
         self._idle = Wakeup()  # nothing is running
         self._queue: deque[ClaimedTask] = deque()
         self._held: dict[int, ClaimedTask] = {}
-        self._running: dict[int, tuple[anyio.CancelScope, list[str]]] = {}
+        self._running: dict[int, _Slot] = {}  # task id -> the slot running it
         self._outcomes: list[Outcome] = []
         self._flush_lock = anyio.Lock()
         self._claiming = True
@@ -91,11 +101,11 @@ class Worker:
 
     def stop_jobs(self, job_ids: set[int]) -> None:
         """Cancel the running tasks of jobs that were canceled or restarted."""
-        for task_id, (scope, reason) in list(self._running.items()):
+        for task_id, slot in list(self._running.items()):
             task = self._held.get(task_id)
             if task is not None and task.job_id in job_ids:
-                reason.append(_JOB_STOPPED)
-                scope.cancel()
+                slot.reason.append(_JOB_STOPPED)
+                slot.scope.cancel()
         # Tasks still waiting in the local queue are settled when an executor reaches them.
         for task in self._queue:
             if task.job_id in job_ids:
@@ -124,9 +134,9 @@ class Worker:
         with anyio.move_on_after(timeout):
             while self._running:
                 await self._idle.wait()
-        for scope, reason in self._running.values():
-            reason.append(_SHUTDOWN)
-            scope.cancel()
+        for slot in self._running.values():
+            slot.reason.append(_SHUTDOWN)
+            slot.scope.cancel()
         while self._running:
             await self._idle.wait()
         with anyio.CancelScope(shield=True):
@@ -178,22 +188,51 @@ class Worker:
     # ------------------------------------------------------------ executing
 
     async def _executor(self) -> None:
-        while True:
-            if not self._executing:
-                return
-            if not self._queue:
-                await self._work.wait()
-                continue
-            task = self._queue.popleft()
-            if self._queue:
-                self._work.set()
+        """Run tasks from the local queue until shutdown.
+
+        A cancel scope per task would cost more than a no-op task, so each executor runs
+        many tasks in one scope (a slot). Stopping a running task cancels its slot's
+        scope; the executor then records the task and opens a new slot.
+        """
+        while self._executing:
+            slot = _Slot(anyio.CancelScope())
+            task: ClaimedTask | None = None
+            with slot.scope:
+                while self._executing:
+                    if not self._queue:
+                        await self._work.wait()
+                        continue
+                    task = self._queue.popleft()
+                    if self._queue:
+                        self._work.set()
+                    self._finish(task, await self._run_in(slot, task))
+                    task = None
+                    if slot.scope.cancel_called:
+                        break  # the cancel came too late for its task: use a fresh slot
+            if task is not None and _SHUTDOWN not in slot.reason:
+                self._finish(
+                    task, self._outcome(task, TaskStatus.CANCELED, "canceled while running")
+                )
+
+    async def _run_in(self, slot: _Slot, task: ClaimedTask) -> Outcome | None:
+        self._running[task.id] = slot
+        try:
             started = time.monotonic()
             outcome = await self._execute(task)
             if outcome is not None:
-                outcome.kind = task.kind
                 outcome.seconds = time.monotonic() - started
-                self._outcomes.append(outcome)
-                self._outcomes_ready.set()
+            return outcome
+        finally:
+            del self._running[task.id]
+            if not self._running:
+                self._idle.set()
+
+    def _finish(self, task: ClaimedTask, outcome: Outcome | None) -> None:
+        """Queue an outcome for the completer (None: the task is handed back instead)."""
+        if outcome is not None:
+            outcome.kind = task.kind
+            self._outcomes.append(outcome)
+            self._outcomes_ready.set()
 
     async def _execute(self, task: ClaimedTask) -> Outcome | None:
         attempt = task.attempts - task.attempts_base
@@ -211,16 +250,8 @@ class Worker:
             max_attempts=kind.max_attempts,
             pool=self.store.pool,
         )
-        scope = anyio.CancelScope()
-        reason: list[str] = []
-        self._running[task.id] = (scope, reason)
         try:
-            with scope:
-                return self._result_outcome(task, await _call(kind, context))
-            # Only reached when the scope swallowed a cancellation we asked for.
-            if _SHUTDOWN in reason:
-                return None  # handed back by shutdown()
-            return self._outcome(task, TaskStatus.CANCELED, "canceled while running")
+            return self._result_outcome(task, await _call(kind, context))
         except _TimedOut:
             return self._failed(task, kind, attempt, f"timed out after {kind.timeout}s", None, True)
         except Retry as exc:
@@ -229,10 +260,6 @@ class Worker:
             retriable = isinstance(exc, kind.retry_on)
             message = str(exc) or type(exc).__name__
             return self._failed(task, kind, attempt, message, None, retriable)
-        finally:
-            del self._running[task.id]
-            if not self._running:
-                self._idle.set()
 
     def _result_outcome(self, task: ClaimedTask, value: Any) -> Outcome:
         status, message = TaskStatus.SUCCESS, None
