@@ -307,9 +307,12 @@ async def test_last_two_tasks_finishing_together_settle_the_job_once(
             running_daemon(db_url, concurrency=1, prefetch=1),
             running_daemon(db_url, concurrency=1, prefetch=1),
         ):
-            ids = [await submit(conn, "pairs", {"items": [{}, {}]}) for _ in range(jobs)]
-            for job_id in ids:
-                assert (await wait_finished(conn, job_id))["status"] == "SUCCESS"
+            # One job at a time: with two jobs live, each daemon could hold the first task
+            # of a different job and wait forever for its partner.
+            ids = []
+            for _ in range(jobs):
+                ids.append(await submit(conn, "pairs", {"items": [{}, {}]}))
+                assert (await wait_finished(conn, ids[-1]))["status"] == "SUCCESS"
 
             async def all_hooks_ran() -> bool:
                 return len(hooks) >= jobs

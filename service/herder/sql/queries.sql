@@ -146,9 +146,9 @@ WITH expired AS (
     ORDER BY lease_until
     LIMIT 1000
     FOR UPDATE SKIP LOCKED
-)
-UPDATE herder.tasks t
-SET status = CASE
+), rescued AS (
+    UPDATE herder.tasks t
+    SET status = CASE
         WHEN j.status NOT IN ('PENDING', 'IN_PROGRESS') THEN 'CANCELED'
         WHEN t.attempts - t.attempts_base >= j.max_attempts THEN 'FAILURE'
         ELSE 'PENDING' END,
@@ -162,7 +162,12 @@ SET status = CASE
     lease_until = NULL
 FROM expired e, herder.jobs j
 WHERE t.id = e.id AND j.id = t.job_id
-RETURNING t.id, t.job_id, t.status;
+RETURNING t.id, t.job_id, t.status
+)
+-- Tasks back to PENDING wake every daemon's claimer, not just this one's.
+SELECT r.id, r.job_id, r.status,
+       CASE WHEN r.status = 'PENDING' THEN pg_notify('herder_tasks', '') END AS woke
+FROM rescued r;
 
 -- name: jobs_not_running
 -- Of the given jobs, those whose tasks must stop: canceled, restarted or deleted.
