@@ -19,7 +19,7 @@ from pgserver.utils import ensure_user_exists
 _SYSTEM_USER = "pgserver"  # PostgreSQL refuses to run as root
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
@@ -31,7 +31,7 @@ class PrivatePostgres:
         self.root = Path(tempfile.mkdtemp(prefix="herder-private-pg-"))
         self.data = self.root / "data"
         self.log = self.root / "postgres.log"
-        self.port = _free_port()
+        self.port = free_port()
         self.user: str | None = None
         if os.geteuid() == 0:
             self.user = _SYSTEM_USER

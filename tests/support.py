@@ -54,6 +54,7 @@ async def running_daemon(url: str, **config: Any) -> AsyncIterator[Daemon]:
     """A daemon serving ``url`` until the block ends, then shut down gracefully."""
     config.setdefault("poll_interval", 0.2)
     config.setdefault("shutdown_timeout", 5.0)
+    config.setdefault("health_addr", "127.0.0.1:0")  # any free port: daemons run side by side
     daemon = Daemon(DaemonConfig(database_url=url, **config))
     async with anyio.create_task_group() as tg:
         await tg.start(daemon.run)

@@ -10,10 +10,11 @@ import signal
 import time
 from collections.abc import Callable
 
+import aiohttp
 import pytest
 
 from herder import db
-from tests.private_pg import PrivatePostgres
+from tests.private_pg import PrivatePostgres, free_port
 from tests.support import DaemonProcess, job_row, submit, wait_finished, wait_for
 
 FAST = ("--lease-seconds", "1", "--poll-interval", "0.2", "--health-addr", "127.0.0.1:0")
@@ -195,11 +196,26 @@ async def test_sigterm_lets_running_tasks_finish_and_hands_back_the_rest(
 ) -> None:
     conn = await db.connect(private_db_url)
     try:
-        daemon = daemons(private_db_url, *FAST, "--concurrency", "4", "--shutdown-timeout", "20")
+        port = free_port()
+        daemon = daemons(
+            private_db_url,
+            *FAST,
+            "--concurrency", "4",
+            "--shutdown-timeout", "20",
+            "--health-addr", f"127.0.0.1:{port}",
+        )  # fmt: skip
         await daemon.ready()
         job_id = await submit(conn, "synthetic", {"tasks": 20, "task_ms": 1500})
+
         # Four run; the daemon has prefetched (claimed) the other sixteen.
-        await wait_for(lambda: count(conn, "status = 'IN_PROGRESS'", job_id), what="claims")
+        async def four_running() -> bool:
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(f"http://127.0.0.1:{port}/healthz") as response,
+            ):
+                return bool((await response.json())["running_tasks"] == 4)
+
+        await wait_for(four_running, what="four running tasks")
         daemon.signal(signal.SIGTERM)
         assert await daemon.exited() == 0
         statuses = await conn.fetch(

@@ -449,6 +449,13 @@ def _add_run_options(parser: argparse.ArgumentParser, env: Mapping[str, str]) ->
         metavar="N",
         help="tasks claimed ahead of free workers",
     )
+    opt(
+        "--retention",
+        type=_duration,
+        default=_duration("30d"),
+        metavar="AGE",
+        help="prune finished jobs older than this: 90s, 15m, 12h, 30d; 0 keeps all (default 30d)",
+    )
 
 
 def _add_submit_options(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
@@ -543,6 +550,7 @@ async def cmd_run(args: argparse.Namespace, url: str) -> int:
             shutdown_timeout=args.shutdown_timeout,
             listen=not args.no_listen,
             prefetch=args.prefetch,
+            retention_seconds=args.retention,
         )
     )
     version = await _migrate_when_reachable(url)

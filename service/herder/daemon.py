@@ -4,11 +4,13 @@ one task group, and shuts them down in order."""
 from __future__ import annotations
 
 import os
+import random
 import secrets
 import signal
 import socket
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import anyio
 import anyio.abc
@@ -16,6 +18,7 @@ import structlog
 
 from herder import db
 from herder.coordinator import Coordinator
+from herder.health import HealthServer
 from herder.hooks import HookRunner
 from herder.kinds import load_app
 from herder.listener import Listener
@@ -23,9 +26,12 @@ from herder.metrics import Metrics
 from herder.resilience import TRANSIENT, supervise
 from herder.signals import Wakeup
 from herder.store import Store
+from herder.systemd import Notifier, status_line
 from herder.worker import Worker
 
 log = structlog.get_logger("herder.daemon")
+
+PRUNE_INTERVAL = 600.0
 
 
 @dataclass
@@ -40,6 +46,8 @@ class DaemonConfig:
     listen: bool = True
     prefetch: int | None = None
     name: str | None = None
+    #: Finished jobs older than this are pruned (seconds; 0 keeps everything).
+    retention_seconds: float = 30 * 86400.0
 
 
 class Daemon:
@@ -59,9 +67,20 @@ class Daemon:
         self.coordinator: Coordinator
         self.hooks: HookRunner
         self.listener: Listener | None = None
+        self.health = HealthServer(self)
+        self.systemd = Notifier.from_environment()
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    @property
+    def health_port(self) -> int:
+        """The port /healthz and /metrics are served on (the bound one for port 0)."""
+        return self.health.port
 
     async def run(
         self,
@@ -97,6 +116,7 @@ class Daemon:
             async with anyio.create_task_group() as tg:
                 if handle_signals:
                     tg.start_soon(self._signals)
+                await tg.start(self.health.run)
                 if cfg.listen:
                     self.listener = Listener(cfg.database_url, self._on_notify, self._wake_all)
                     tg.start_soon(self.listener.run)
@@ -104,10 +124,20 @@ class Daemon:
                 tg.start_soon(supervise, "hooks", self.hooks.run)
                 tg.start_soon(self._heartbeat)
                 tg.start_soon(self._sweep)
+                if cfg.retention_seconds > 0:
+                    tg.start_soon(self._prune)
                 await tg.start(self.worker.run)
-                log.info("serving", name=self.name, concurrency=cfg.concurrency, listen=cfg.listen)
+                log.info(
+                    "serving",
+                    name=self.name,
+                    concurrency=cfg.concurrency,
+                    listen=cfg.listen,
+                    health=self.health.address,
+                )
+                tg.start_soon(self.systemd.run, partial(status_line, self))
                 task_status.started(self)
                 await self._stop.wait()
+                self.systemd.stopping(status_line(self))
                 log.info("stopping: no more claims", shutdown_timeout=cfg.shutdown_timeout)
                 await self.coordinator.stop()
                 await self.worker.shutdown(cfg.shutdown_timeout)
@@ -146,7 +176,10 @@ class Daemon:
     async def _sweep(self) -> None:
         """The safety net under every notification: each poll interval (or at once when
         a cancel arrives) stop tasks of canceled jobs, rescue tasks whose worker died,
-        settle jobs nobody settled, and wake every loop."""
+        settle jobs nobody settled, and wake every loop. It runs at least four times per
+        lease, so a dead worker's tasks come back within about one lease whatever the
+        poll interval."""
+        interval = min(self.config.poll_interval, self.config.lease_seconds / 4)
         while True:
             try:
                 await self._sweep_once()
@@ -154,7 +187,7 @@ class Daemon:
             except TRANSIENT as exc:
                 self.database_ok = False
                 log.warning("sweep failed: database unreachable", error=str(exc))
-            await self._sweep_now.wait(self.config.poll_interval)
+            await self._sweep_now.wait(interval)
 
     async def _sweep_once(self) -> None:
         checks, self._cancel_checks = self._cancel_checks, []
@@ -167,6 +200,20 @@ class Daemon:
             log.warning("rescued task of a lost worker", task_id=task_id, job_id=job_id, now=status)
         self.metrics.settled(await self.store.settle(None))
         self._wake_all()
+
+    async def _prune(self) -> None:
+        """Retention: every PRUNE_INTERVAL (first at a random moment, so a fleet started
+        together does not prune together), delete finished jobs past the retention in
+        small batches."""
+        await anyio.sleep(random.uniform(10, 60))
+        while True:
+            try:
+                jobs, tasks = await self.store.prune(self.config.retention_seconds)
+                if jobs:
+                    log.info("pruned finished jobs", jobs=jobs, tasks=tasks)
+            except TRANSIENT as exc:
+                log.warning("prune failed: database unreachable", error=str(exc))
+            await anyio.sleep(PRUNE_INTERVAL * random.uniform(0.9, 1.1))
 
     async def _heartbeat(self) -> None:
         """Renew the leases of everything this daemon holds, one statement each."""

@@ -11,12 +11,17 @@ import asyncpg
 import structlog
 
 from herder import db
+from herder.resilience import TRANSIENT
 
 log = structlog.get_logger("herder.listener")
 
 CHANNELS = ("herder_jobs", "herder_tasks", "herder_cancel", "herder_job_finished")
 
 Handler = Callable[[str, str], None]
+
+# The listener only wakes loops that also poll: whatever stops it from listening (the
+# database refusing connections, a role's rights changing) is retried, never fatal.
+_RETRY: tuple[type[BaseException], ...] = (*TRANSIENT, asyncpg.PostgresError)
 
 
 class Listener:
@@ -33,7 +38,7 @@ class Listener:
             lost = anyio.Event()
             try:
                 conn = await db.connect(self.url)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except _RETRY as exc:
                 log.warning("listener cannot connect", error=str(exc), retry_in=round(delay, 2))
                 await anyio.sleep(delay * random.uniform(0.5, 1.5))
                 delay = min(delay * 2, 5.0)
@@ -48,7 +53,7 @@ class Listener:
                 # Anything committed while we were away was not notified: re-query now.
                 self.on_reconnect()
                 await self._watch(conn, lost)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except _RETRY as exc:
                 log.warning("listener connection failed", error=str(exc))
             finally:
                 self.connected = False

@@ -23,7 +23,19 @@ TRANSIENT: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.SerializationError,
     asyncpg.exceptions.TooManyConnectionsError,
     asyncpg.exceptions.InsufficientResourcesError,
+    # A pool connection whose session the server ended mid-operation is left in a broken
+    # protocol state (MagicStack/asyncpg#784, #1069); the pool drops it when it fails to
+    # reset on release, so the next attempt gets a fresh connection.
+    asyncpg.exceptions.InternalClientError,
 )
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A transient error, or a group of nothing else: a task group wraps what its body
+    and its tasks raise, so the coordinator's claim failing arrives as a group."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(is_transient(e) for e in exc.exceptions)
+    return isinstance(exc, TRANSIENT)
 
 
 async def supervise(name: str, loop: Callable[[], Awaitable[None]]) -> None:
@@ -34,9 +46,16 @@ async def supervise(name: str, loop: Callable[[], Awaitable[None]]) -> None:
         try:
             await loop()
             return
-        except TRANSIENT as exc:
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            first: BaseException = exc
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
             if time.monotonic() - started > 30:
                 delay = 0.05
-            log.warning("database error; retrying", loop=name, error=f"{type(exc).__name__}: {exc}")
+            log.warning(
+                "database error; retrying", loop=name, error=f"{type(first).__name__}: {first}"
+            )
             await anyio.sleep(delay * random.uniform(0.5, 1.5))
             delay = min(delay * 2, 5.0)

@@ -168,12 +168,14 @@ class Worker:
                 self.metrics.claimed(len(claimed))
                 for task in claimed:
                     self._held[task.id] = task
-                self._queue.extend(claimed)
-                self._work.set()
+                # Jobs move to IN_PROGRESS before any of their tasks runs: a job whose
+                # tasks all finished first would settle from PENDING without started_at.
                 starting = sorted({t.job_id for t in claimed if t.job_status == "PENDING"})
                 if starting:
                     for latency in await self.store.start_jobs(starting):
                         self.metrics.start_latency.observe(latency)
+                self._queue.extend(claimed)
+                self._work.set()
             if len(claimed) < asked:
                 await self.wakeup.wait(self._idle_wait())
 
