@@ -197,7 +197,11 @@ async def test_cancel_reaches_running_tasks_within_a_second(
             cancelled.append(task.id)
             raise
 
-    async with running_daemon(db_url, concurrency=4, prefetch=4):
+    # Two daemons: the cancel must reach running tasks on every daemon of the fleet.
+    async with (
+        running_daemon(db_url, concurrency=2, prefetch=2),
+        running_daemon(db_url, concurrency=2, prefetch=2),
+    ):
         job_id = await submit(conn, "long_running", {"items": [{}] * 10})
         with anyio.fail_after(10):
             await started.wait()
