@@ -118,3 +118,12 @@ async def test_job_progress_counts_tasks_by_status(conn: db.Connection) -> None:
         "failure": 2,
         "canceled": 2,
     }
+
+
+async def test_migrate_upgrades_a_database_of_an_earlier_version(conn: db.Connection) -> None:
+    """A database created before schema_version had its checksum column."""
+    await conn.execute("ALTER TABLE herder.schema_version DROP COLUMN checksum")
+    assert await db.migrate(conn) == db.SCHEMA_VERSION
+    assert await conn.fetchval("SELECT checksum IS NOT NULL FROM herder.schema_version")
+    # Up to date now: applying again is skipped, and answers the same.
+    assert await db.migrate(conn) == db.SCHEMA_VERSION
