@@ -86,11 +86,7 @@ class Server:
 
     async def fresh_herder(self, database: str) -> str:
         url = await self.fresh(database)
-        conn = await db.connect(url)
-        try:
-            await db.migrate(conn)
-        finally:
-            await conn.close()
+        await db.migrate_url(url)
         return url
 
     async def drop(self, database: str) -> None:

@@ -71,11 +71,7 @@ async def template_url(server_url: str) -> str:
     finally:
         await admin.close()
     url = with_database(server_url, TEMPLATE)
-    conn = await db.connect(url)
-    try:
-        await db.migrate(conn)
-    finally:
-        await conn.close()
+    await db.migrate_url(url)
     return url
 
 
@@ -145,11 +141,7 @@ async def private_db_url(private_pg: PrivatePostgres) -> AsyncIterator[str]:
     finally:
         await admin.close()
     url = with_database(private_pg.url, name)
-    conn = await db.connect(url)
-    try:
-        await db.migrate(conn)
-    finally:
-        await conn.close()
+    await db.migrate_url(url)
     yield url
 
 

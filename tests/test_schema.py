@@ -19,17 +19,10 @@ CONTROLS = {
 async def test_migrate_is_idempotent_and_concurrent_safe(db_url: str) -> None:
     import anyio
 
-    async def apply() -> int:
-        conn = await db.connect(db_url)
-        try:
-            return await db.migrate(conn)
-        finally:
-            await conn.close()
-
     versions: list[int] = []
 
     async def record() -> None:
-        versions.append(await apply())
+        versions.append(await db.migrate_url(db_url))
 
     async with anyio.create_task_group() as tg:
         for _ in range(4):

@@ -97,6 +97,15 @@ async def migrate(conn: Connection) -> int:
     return version
 
 
+async def migrate_url(url: str) -> int:
+    """Connect to ``url``, migrate it, disconnect."""
+    conn = await connect(url)
+    try:
+        return await migrate(conn)
+    finally:
+        await conn.close()
+
+
 async def _applied_checksum(conn: Connection) -> str | None:
     try:
         checksum: str | None = await conn.fetchval(
