@@ -107,7 +107,7 @@ class Coordinator:
             priority=job.priority,
             owner=job.owner,
             resume_from=job.prepared,
-            pool=self.store.pool,
+            pool=self.store.app_pool,
         )
         bound.info("preparing", resume_from=job.prepared)
         started = time.monotonic()

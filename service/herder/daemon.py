@@ -89,10 +89,16 @@ class Daemon:
         task_status: anyio.abc.TaskStatus[Daemon] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         cfg = self.config
-        pool = await _create_pool_when_reachable(cfg.database_url, cfg.concurrency)
+        pool = await _create_pool_when_reachable(
+            cfg.database_url, min_size=2, max_size=max(6, min(cfg.concurrency, 20)), reset=False
+        )
+        # Kinds' own queries: connections opened on first use, up to one per executor.
+        app_pool = await _create_pool_when_reachable(
+            cfg.database_url, min_size=0, max_size=cfg.concurrency, reset=True
+        )
         self.database_ok = True
         try:
-            self.store = Store(pool)
+            self.store = Store(pool, app_pool)
             self.worker = Worker(
                 self.store,
                 self.name,
@@ -144,6 +150,7 @@ class Daemon:
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await app_pool.close()
                 await pool.close()
         log.info("stopped")
 
@@ -231,11 +238,15 @@ class Daemon:
                 log.warning("heartbeat failed", error=str(exc))
 
 
-async def _create_pool_when_reachable(url: str, concurrency: int) -> db.Pool:
+async def _create_pool_when_reachable(
+    url: str, *, min_size: int, max_size: int, reset: bool
+) -> db.Pool:
     delay = 0.1
     while True:
         try:
-            return await db.create_pool(url, min_size=2, max_size=max(6, min(concurrency, 20)))
+            return await db.create_pool(
+                url, min_size=min_size, max_size=max_size, reset_sessions=reset
+            )
         except TRANSIENT as exc:
             log.warning("database unreachable; retrying", error=str(exc), retry_in=round(delay, 2))
             await anyio.sleep(delay)

@@ -67,12 +67,30 @@ async def connect(url: str, **kwargs: Any) -> Connection:
     return conn
 
 
-async def create_pool(url: str, *, min_size: int = 1, max_size: int = 8) -> Pool:
+async def create_pool(
+    url: str, *, min_size: int = 1, max_size: int = 8, reset_sessions: bool = True
+) -> Pool:
+    """A pool with herder's codecs.
+
+    asyncpg resets a connection's session (RESET ALL, UNLISTEN, ...) each time it goes
+    back to the pool: a round trip per query, which on a loaded machine costs as much as
+    the query. herder's own queries leave no session state (SET LOCAL and function-level
+    SET only), so its internal pool skips that reset (``reset_sessions=False``); the pool
+    handed to kinds' code keeps it.
+    """
     pool = await asyncpg.create_pool(
-        url, min_size=min_size, max_size=max_size, init=_init_connection
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        init=_init_connection,
+        reset=None if reset_sessions else _keep_session,
     )
     assert pool is not None
     return pool
+
+
+async def _keep_session(conn: Connection) -> None:
+    """Nothing to reset (asyncpg still rolls back an open transaction first)."""
 
 
 async def migrate(conn: Connection) -> int:

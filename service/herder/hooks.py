@@ -40,7 +40,7 @@ class HookRunner:
                     status=claim.status,
                     message=claim.message,
                     owner=claim.owner,
-                    pool=self.store.pool,
+                    pool=self.store.app_pool,
                 )
                 try:
                     await hook(job)

@@ -75,8 +75,11 @@ class FinishHookClaim:
 
 
 class Store:
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Pool, app_pool: Pool | None = None) -> None:
         self.pool = pool
+        #: The pool kinds' code gets (JobContext.pool, TaskContext.pool): its sessions are
+        #: reset between uses, so nothing a kind sets can leak into herder's queries.
+        self.app_pool = app_pool or pool
         self._copy_allowed: bool | None = None
 
     # ------------------------------------------------------------ preparation

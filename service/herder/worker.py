@@ -250,7 +250,7 @@ class Worker:
             payload=task.payload,
             attempt=attempt,
             max_attempts=kind.max_attempts,
-            pool=self.store.pool,
+            pool=self.store.app_pool,
         )
         try:
             return self._result_outcome(task, await _call(kind, context))
