@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from herder import db
-from herder.states import JOB_FINISHED, JobStatus, TaskCounts, settle
+from herder.states import JOB_FINISHED, JOB_RUNS_TASKS, TASK_ACTIVE, JobStatus, TaskCounts, settle
 from herder.store import ClaimedTask, Outcome, PreparationClaim, Store
 
 T = TypeVar("T")
@@ -165,9 +165,11 @@ class HerderModel(RuleBasedStateMachine):
         stuck = self.run(
             self.store.pool.fetch(
                 "SELECT j.id, j.status FROM herder.jobs j "
-                "WHERE j.status IN ('PENDING', 'IN_PROGRESS', 'CANCELING') AND NOT EXISTS ("
+                "WHERE j.status = ANY($1::text[]) AND NOT EXISTS ("
                 "  SELECT 1 FROM herder.tasks t WHERE t.job_id = j.id"
-                "  AND t.status IN ('PENDING', 'IN_PROGRESS'))"
+                "  AND t.status = ANY($2::text[]))",
+                sorted(JOB_RUNS_TASKS),
+                sorted(TASK_ACTIVE),
             )
         )
         assert stuck == [], f"jobs that can never settle: {stuck}"
@@ -179,8 +181,8 @@ class HerderModel(RuleBasedStateMachine):
         bad = self.run(
             self.store.pool.fetch(
                 "SELECT t.id, j.status FROM herder.tasks t JOIN herder.jobs j ON j.id = t.job_id "
-                "WHERE t.status = 'IN_PROGRESS' "
-                "AND j.status NOT IN ('PENDING', 'IN_PROGRESS', 'CANCELING')"
+                "WHERE t.status = 'IN_PROGRESS' AND j.status <> ALL($1::text[])",
+                sorted(JOB_RUNS_TASKS),
             )
         )
         assert bad == [], bad

@@ -22,7 +22,6 @@ class HookRunner:
         self.lease = lease
         self.poll_interval = poll_interval
         self.wakeup = Wakeup()
-        self.ran = 0
 
     async def run(self) -> None:
         while True:
@@ -47,5 +46,4 @@ class HookRunner:
                     log.info("on_finished ran", job_id=claim.id, kind=claim.kind)
                 except Exception:  # the kind's code; it runs once, failing or not
                     log.exception("on_finished raised", job_id=claim.id, kind=claim.kind)
-                self.ran += 1
             await self.store.finish_hook_done(claim.id)

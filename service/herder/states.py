@@ -36,15 +36,12 @@ T = TaskStatus
 
 #: Job statuses under which a task may be IN_PROGRESS (the contract's invariant).
 JOB_RUNS_TASKS = frozenset({J.PENDING, J.IN_PROGRESS, J.CANCELING})
-#: Job statuses from which a worker may start a task.
-JOB_CLAIMABLE = frozenset({J.PENDING, J.IN_PROGRESS})
 #: Job statuses that settlement may end.
 JOB_SETTLEABLE = frozenset({J.PENDING, J.IN_PROGRESS, J.CANCELING})
 JOB_FINISHED = frozenset({J.CANCELED, J.SUCCESS, J.WARNING, J.FAILURE})
 #: Settlements after which the kind's on_finished hook runs.
 JOB_HOOKED = frozenset({J.SUCCESS, J.WARNING, J.FAILURE})
 TASK_ACTIVE = frozenset({T.PENDING, T.IN_PROGRESS})
-TASK_FINISHED = frozenset({T.CANCELED, T.SUCCESS, T.WARNING, T.FAILURE})
 
 
 class Event(enum.StrEnum):
