@@ -1,8 +1,9 @@
 """The worker side of a daemon: a claimer, N executors and a batching completer.
 
 The claimer keeps a bounded local queue filled with tasks claimed in batches; executors
-run them, each in its own cancel scope; the completer writes outcomes many per statement
-and then settles the jobs that may have finished. Every claimed task is *held* until its
+run them, each executor in a cancel scope it reuses across tasks (see ``_executor``);
+the completer writes outcomes many per statement and then settles the jobs that may have
+finished. Every claimed task is *held* until its
 outcome is written (or it is handed back on shutdown), and the heartbeat renews the
 leases of everything held.
 """
