@@ -366,17 +366,12 @@ async def measure_latency(conn: db.Connection, opts: Options, progress: Progress
         problems.append(f"{len(rows)} tasks for {len(ids)} jobs")
     if bad := [r for r in rows if r["status"] != "SUCCESS" or r["attempts"] != 1]:
         problems.append(f"{len(bad)} tasks not SUCCESS on their first attempt")
-    return Latency(
-        system="herder",
-        samples=len(values),
-        interval_seconds=opts.latency_interval,
-        p50_ms=percentile(values, 50),
-        p90_ms=percentile(values, 90),
-        p99_ms=percentile(values, 99),
-        max_ms=max(values, default=float("nan")),
-        mean_ms=sum(values) / len(values) if values else float("nan"),
+    return Latency.of(
+        "herder",
+        values,
+        opts.latency_interval,
+        problems,
         prepare_p50_ms=percentile([r["prepare"] for r in rows], 50),
-        problems=problems,
     )
 
 

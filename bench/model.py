@@ -43,6 +43,29 @@ class Latency:
     prepare_p50_ms: float | None = None
     problems: list[str] = field(default_factory=list)
 
+    @classmethod
+    def of(
+        cls,
+        system: str,
+        values: list[float],
+        interval_seconds: float,
+        problems: list[str],
+        prepare_p50_ms: float | None = None,
+    ) -> Latency:
+        """Summarise the latencies (ms) of one system's samples."""
+        return cls(
+            system=system,
+            samples=len(values),
+            interval_seconds=interval_seconds,
+            p50_ms=percentile(values, 50),
+            p90_ms=percentile(values, 90),
+            p99_ms=percentile(values, 99),
+            max_ms=max(values, default=float("nan")),
+            mean_ms=sum(values) / len(values) if values else float("nan"),
+            prepare_p50_ms=prepare_p50_ms,
+            problems=problems,
+        )
+
 
 @dataclass
 class Prepare:

@@ -13,7 +13,7 @@ from rich.progress import Progress, TaskID
 from bench import procs
 from bench.dbs import Server
 from bench.herder_runs import PhaseTimeout
-from bench.model import Latency, Throughput, percentile
+from bench.model import Latency, Throughput
 from bench.options import Options
 from bench.procrastinate_app import TASK_NAME, make_app
 from bench.sysstat import CpuMeter
@@ -130,17 +130,7 @@ async def _latency(conn: asyncpg.Connection, ids: list[int], opts: Options) -> L
     )
     values = [r["latency"] for r in rows]
     problems = [] if len(values) == len(ids) else [f"{len(values)} of {len(ids)} jobs started"]
-    return Latency(
-        system="procrastinate",
-        samples=len(values),
-        interval_seconds=opts.latency_interval,
-        p50_ms=percentile(values, 50),
-        p90_ms=percentile(values, 90),
-        p99_ms=percentile(values, 99),
-        max_ms=max(values, default=float("nan")),
-        mean_ms=sum(values) / len(values) if values else float("nan"),
-        problems=problems,
-    )
+    return Latency.of("procrastinate", values, opts.latency_interval, problems)
 
 
 async def _throughput(
