@@ -11,7 +11,9 @@ import pytest
 import herder
 from herder import db
 from herder.kinds import Kind
+from herder.metrics import Metrics
 from herder.store import Outcome, Store
+from herder.worker import Worker
 from tests.support import (
     job_row,
     one_task_per_item,
@@ -332,3 +334,19 @@ async def test_last_two_tasks_finishing_together_settle_the_job_once(
     assert {r["n"] for r in settlements} == {1}
     assert sorted(hooks) == sorted(ids)
     assert sorted(int(n) for n in notified) == sorted(ids)
+
+
+async def test_prefetch_holds_about_a_second_of_work(store: Store) -> None:
+    """Deep for short tasks (a claim always in flight), shallow for long ones (a fleet
+    shares them), unless --prefetch fixes it."""
+    worker = Worker(store, "w", metrics=Metrics(), concurrency=10, lease=30, poll_interval=1)
+    assert worker.prefetch == 40  # nothing measured yet
+    expected = {10.0: 10, 1.0: 10, 0.1: 100, 0.01: 1000, 0.00001: 2000}
+    for seconds, prefetch in expected.items():
+        worker._mean_task_seconds = seconds
+        assert worker.prefetch == prefetch, seconds
+    fixed = Worker(
+        store, "w", metrics=Metrics(), concurrency=10, lease=30, poll_interval=1, prefetch=7
+    )
+    fixed._mean_task_seconds = 0.00001
+    assert fixed.prefetch == 7

@@ -31,6 +31,10 @@ log = structlog.get_logger("herder.worker")
 
 # Why a running task's scope was cancelled; decides what is written for it.
 _JOB_STOPPED = "job stopped"
+#: Seconds of work the local queue holds by default (see Worker.prefetch).
+PREFETCH_HORIZON = 1.0
+#: Weight of the newest handler time in the moving average.
+TASK_SECONDS_WEIGHT = 0.05
 _SHUTDOWN = "shutdown"
 
 
@@ -54,8 +58,8 @@ class Worker:
         lease: float,
         poll_interval: float,
         prefetch: int | None = None,
-        claim_batch: int = 500,
-        complete_batch: int = 500,
+        claim_batch: int = 1000,
+        complete_batch: int = 1000,
         flush_seconds: float = 0.002,
     ) -> None:
         self.store = store
@@ -64,9 +68,8 @@ class Worker:
         self.concurrency = concurrency
         self.lease = lease
         self.poll_interval = poll_interval
-        # Claims and completions are batched; the local queue must hold a couple of
-        # batches so a claim is always in flight while executors drain the last one.
-        self.prefetch = prefetch or max(4 * concurrency, 2 * claim_batch)
+        self._fixed_prefetch = prefetch
+        self._mean_task_seconds: float | None = None  # moving average of handler time
         self.claim_batch = claim_batch
         self.complete_batch = complete_batch
         self.flush_seconds = flush_seconds
@@ -151,11 +154,30 @@ class Worker:
 
     # ------------------------------------------------------------ claiming
 
+    @property
+    def prefetch(self) -> int:
+        """How many tasks this daemon holds at most (claimed, running or being written).
+
+        Short tasks want a deep local queue, two claim batches, so that a claim is always
+        in flight while the executors drain the last one. Long tasks want a shallow one, so
+        that a fleet shares them instead of one daemon hoarding what others could run. So
+        by default it holds about PREFETCH_HORIZON seconds of work for its executors,
+        judged by a moving average of handler times, between `concurrency` and two batches.
+        """
+        if self._fixed_prefetch:
+            return self._fixed_prefetch
+        if self._mean_task_seconds is None:
+            return 4 * self.concurrency
+        per_executor = PREFETCH_HORIZON / max(self._mean_task_seconds, 1e-6)
+        return int(
+            min(2 * self.claim_batch, max(self.concurrency, self.concurrency * per_executor))
+        )
+
     async def _claimer(self) -> None:
-        low_water = max(1, min(self.claim_batch, self.prefetch) // 4)
         while self._claiming:
-            room = self.prefetch - len(self._held)
-            if room < low_water:
+            prefetch = self.prefetch
+            room = prefetch - len(self._held)
+            if room < max(1, min(self.claim_batch, prefetch) // 4):
                 await self._capacity.wait(self.poll_interval)
                 continue
             asked = min(room, self.claim_batch)
@@ -223,7 +245,11 @@ class Worker:
             started = time.monotonic()
             outcome = await self._execute(task)
             if outcome is not None:
-                outcome.seconds = time.monotonic() - started
+                outcome.seconds = seconds = time.monotonic() - started
+                mean = self._mean_task_seconds
+                self._mean_task_seconds = (
+                    seconds if mean is None else mean + (seconds - mean) * TASK_SECONDS_WEIGHT
+                )
             return outcome
         finally:
             del self._running[task.id]
