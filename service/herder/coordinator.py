@@ -16,7 +16,7 @@ import asyncpg
 import structlog
 
 from herder.db import EncodedJSON, dumps
-from herder.kinds import InvalidPayload, JobContext, get_kind, known_kinds
+from herder.kinds import InvalidPayload, JobContext, Kind, get_kind, known_kinds
 from herder.metrics import Metrics
 from herder.resilience import TRANSIENT
 from herder.signals import Wakeup
@@ -97,8 +97,7 @@ class Coordinator:
         kind = get_kind(job.kind)
         if kind is None:
             message = f"unknown kind {job.kind!r} (this daemon knows: {', '.join(known_kinds())})"
-            bound.warning("job failed", reason=message)
-            await self.store.fail_preparation(job, message, run_hook=False)
+            await self._fail(job, message, bound, run_hook=False)  # no kind, no hook
             return
         context = JobContext(
             id=job.id,
@@ -112,16 +111,13 @@ class Coordinator:
         bound.info("preparing", resume_from=job.prepared)
         started = time.monotonic()
         try:
-            total = await self._write_tasks(job, context, kind.prepare_resumes, kind.max_attempts)
+            total = await self._write_tasks(job, kind, context)
         except _PrepareRaised as raised:
             exc = raised.__cause__
-            if isinstance(exc, InvalidPayload):
-                await self._fail(job, f"invalid payload: {exc}", bound)
-            else:
-                bound.error("prepare raised", exc_info=exc)
-                await self._fail(job, f"prepare failed: {type(exc).__name__}: {exc}", bound)
+            bound.error("prepare raised", exc_info=exc)
+            await self._fail(job, f"prepare failed: {type(exc).__name__}: {exc}", bound)
             return
-        except InvalidPayload as exc:
+        except InvalidPayload as exc:  # from prepare, or a payload that is not JSON
             await self._fail(job, f"invalid payload: {exc}", bound)
             return
         except asyncpg.PostgresError as exc:
@@ -137,20 +133,20 @@ class Coordinator:
         if total == 0:
             self.metrics.settled(await self.store.settle([job.id]))
 
-    async def _fail(self, job: PreparationClaim, message: str, bound: Any) -> None:
+    async def _fail(
+        self, job: PreparationClaim, message: str, bound: Any, *, run_hook: bool = True
+    ) -> None:
         bound.warning("job failed", reason=message)
-        await self.store.fail_preparation(job, message, run_hook=True)
+        await self.store.fail_preparation(job, message, run_hook=run_hook)
 
     async def _write_tasks(
-        self, job: PreparationClaim, context: JobContext, resumes: bool, max_attempts: int
+        self, job: PreparationClaim, kind: Kind, context: JobContext
     ) -> int | None:
         """Run prepare and commit its payloads in batches. Returns the task count, or
         None when the job stopped being ours."""
-        kind = get_kind(job.kind)
-        assert kind is not None
         prepared = self.metrics.tasks_prepared.labels(job.kind)
         seq = job.prepared
-        to_skip = 0 if resumes else job.prepared
+        to_skip = 0 if kind.prepare_resumes else job.prepared
         batch: list[tuple[int, int, Any]] = []
         last_flush = time.monotonic()
         payloads = kind.prepare_fn(context)
@@ -172,7 +168,7 @@ class Coordinator:
         finally:
             await payloads.aclose()  # type: ignore[attr-defined]
         if not await self.store.write_tasks(
-            job, self.name, batch, seq, self.lease, finish_max_attempts=max_attempts
+            job, self.name, batch, seq, self.lease, finish_max_attempts=kind.max_attempts
         ):
             return None
         prepared.inc(len(batch))
@@ -181,7 +177,8 @@ class Coordinator:
 
 class _PrepareRaised(Exception):
     """The kind's prepare raised (the cause): the job fails. Kept apart from errors of
-    herder's own writes, which may only mean the database is briefly away."""
+    herder's own writes, which may only mean the database is briefly away.
+    (InvalidPayload passes through unwrapped: its message is the job's message.)"""
 
 
 async def _kind_code(payloads: AsyncIterator[Any]) -> AsyncIterator[Any]:
@@ -190,6 +187,8 @@ async def _kind_code(payloads: AsyncIterator[Any]) -> AsyncIterator[Any]:
             payload = await anext(payloads)
         except StopAsyncIteration:
             return
+        except InvalidPayload:
+            raise
         except Exception as exc:
             raise _PrepareRaised from exc
         yield payload

@@ -134,10 +134,9 @@ class Store:
     async def fail_preparation(
         self, job: PreparationClaim, message: str, *, run_hook: bool
     ) -> bool:
-        async with self.pool.acquire() as conn, conn.transaction():
-            status = await conn.execute(
-                Q["fail_preparation"], job.id, job.generation, message, run_hook
-            )
+        status = await self.pool.execute(
+            Q["fail_preparation"], job.id, job.generation, message, run_hook
+        )
         return status != "SELECT 0"
 
     async def release_preparation(self, job_id: int, preparer: str) -> None:
