@@ -43,7 +43,7 @@ class HerderModel(RuleBasedStateMachine):
         super().__init__()
         self.run = self.env.run
         self.store = self.env.store
-        self.run(self.store.pool.execute("TRUNCATE herder.jobs CASCADE"))
+        self.run(self.store.pool.execute("TRUNCATE herder.jobs, herder.tasks"))
         self.held: dict[int, ClaimedTask] = {}
         self.stale: list[ClaimedTask] = []  # held by a worker that "died"
         self.half_prepared: list[tuple[PreparationClaim, int]] = []

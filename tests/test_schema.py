@@ -120,3 +120,27 @@ async def test_migrate_upgrades_a_database_of_an_earlier_version(conn: db.Connec
     assert await conn.fetchval("SELECT checksum IS NOT NULL FROM herder.schema_version")
     # Up to date now: applying again is skipped, and answers the same.
     assert await db.migrate(conn) == db.SCHEMA_VERSION
+
+
+async def test_tasks_belong_to_jobs_and_go_with_them(conn: db.Connection) -> None:
+    """The foreign key's guarantees, kept by statement-level triggers (cheaper per row)."""
+    import asyncpg
+
+    jobs = [await conn.fetchval("SELECT herder.submit_job('synthetic')") for _ in range(3)]
+    await conn.copy_records_to_table(
+        "tasks",
+        schema_name="herder",
+        columns=("job_id", "seq"),
+        records=[(job_id, seq) for job_id in jobs for seq in range(100)],
+    )
+    with pytest.raises(asyncpg.ForeignKeyViolationError, match=r"job 999999, which does not"):
+        await conn.execute(
+            "INSERT INTO herder.tasks (job_id, seq) VALUES ($1, 0), (999999, 0)", jobs[0]
+        )
+    with pytest.raises(asyncpg.ForeignKeyViolationError):
+        await conn.copy_records_to_table(
+            "tasks", schema_name="herder", columns=("job_id", "seq"), records=[(999999, 0)]
+        )
+    await conn.execute("DELETE FROM herder.jobs WHERE id = ANY($1::bigint[])", jobs[:2])
+    rows = await conn.fetch("SELECT job_id, count(*) AS n FROM herder.tasks GROUP BY job_id")
+    assert [(r["job_id"], r["n"]) for r in rows] == [(jobs[2], 100)]

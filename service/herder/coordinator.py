@@ -15,7 +15,7 @@ import anyio
 import asyncpg
 import structlog
 
-from herder.db import EncodedJSON, dumps
+from herder.db import encode_json
 from herder.kinds import InvalidPayload, JobContext, Kind, get_kind, known_kinds
 from herder.metrics import Metrics
 from herder.resilience import TRANSIENT
@@ -194,10 +194,10 @@ async def _kind_code(payloads: AsyncIterator[Any]) -> AsyncIterator[Any]:
         yield payload
 
 
-def _encoded(payload: Any, seq: int) -> EncodedJSON:
+def _encoded(payload: Any, seq: int) -> bytes:
     """Serialise once: this both validates the payload and is what COPY sends."""
     try:
-        return EncodedJSON(dumps(payload))
+        return encode_json(payload)
     except (TypeError, ValueError) as exc:
         raise InvalidPayload(
             f"prepare yielded a task payload that is not JSON (task {seq}): {exc}"

@@ -117,18 +117,17 @@ class Store:
                     await conn.fetchval(query, *head, seqs, payloads, prepared, last_arg)
                     is not None
                 )
-            try:
-                async with conn.transaction():
-                    await conn.copy_records_to_table(
-                        "tasks",
-                        schema_name="herder",
-                        columns=("job_id", "seq", "payload"),
-                        records=rows,
-                    )
-                    if await conn.fetchval(query, *head, [], [], prepared, last_arg) is None:
-                        raise _NotOurs  # roll the batch back
-            except _NotOurs:
-                return False
+            async with conn.transaction():
+                # Take the job first: nothing is sent for a job that is no longer ours,
+                # and the job cannot vanish under the batch.
+                if await conn.fetchval(query, *head, [], [], prepared, last_arg) is None:
+                    return False
+                await conn.copy_records_to_table(
+                    "tasks",
+                    schema_name="herder",
+                    columns=("job_id", "seq", "payload"),
+                    records=rows,
+                )
         return True
 
     async def fail_preparation(
@@ -339,7 +338,3 @@ class Store:
 
 CONTROL_ACTIONS = ("cancel", "resume", "retry", "restart", "verify")
 COPY_THRESHOLD = 1000
-
-
-class _NotOurs(Exception):
-    """The job was canceled, restarted or taken over while a batch was being written."""
