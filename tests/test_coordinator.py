@@ -10,7 +10,10 @@ import pytest
 
 import herder
 from herder import db
+from herder.coordinator import Coordinator
 from herder.kinds import Kind
+from herder.metrics import Metrics
+from herder.store import Store
 from tests.support import job_row, running_daemon, submit, wait_finished, wait_for
 
 INVARIANT_PROBE = """
@@ -241,3 +244,44 @@ async def test_higher_priority_jobs_run_first_fifo_within(db_url: str, conn: db.
     )
     expected = [jobs["high"]] * 50 + [jobs["high_later"]] * 50 + [jobs["low"]] * 50
     assert order == expected
+
+
+async def test_batches_load_side_by_side_and_commit_in_order(
+    store: Store, conn: db.Connection
+) -> None:
+    """Batches of one job load on two connections at once, yet every commit extends a
+    gap-free prefix: whenever `prepared` moves, it equals the tasks the job then has."""
+    await conn.execute("""
+        CREATE TABLE public.prepared_log (
+            n serial, prepared int, visible bigint, backend int, status text);
+        CREATE FUNCTION public.log_prepared() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            INSERT INTO public.prepared_log (prepared, visible, backend, status)
+            SELECT NEW.prepared, count(*), pg_backend_pid(), NEW.status
+            FROM herder.tasks WHERE job_id = NEW.id;
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER log_prepared AFTER UPDATE OF prepared ON herder.jobs
+            FOR EACH ROW EXECUTE FUNCTION public.log_prepared();
+    """)
+    job_id = await submit(conn, "synthetic", {"tasks": 60_000})
+    coordinator = Coordinator(
+        store, "loader", metrics=Metrics(), lease=30, poll_interval=0.1, batch_size=2000
+    )
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(coordinator.run)
+
+        async def pending() -> bool:
+            return (await job_row(conn, job_id))["status"] == "PENDING"
+
+        await wait_for(pending, what="the job to be prepared")
+        tg.cancel_scope.cancel()
+    log = await conn.fetch("SELECT * FROM public.prepared_log ORDER BY n")
+    prepared = [r["prepared"] for r in log]
+    assert prepared == sorted(prepared)
+    assert set(prepared) == {2000 * (i + 1) for i in range(30)}
+    assert all(r["visible"] == r["prepared"] for r in log)
+    assert [r["status"] for r in log][-1] == "PENDING"
+    assert len({r["backend"] for r in log}) >= 2  # loaded on more than one connection
+    seqs = await conn.fetchval("SELECT count(DISTINCT seq) FROM herder.tasks")
+    assert seqs == 60_000

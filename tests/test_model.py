@@ -70,11 +70,11 @@ class HerderModel(RuleBasedStateMachine):
         rows = [(job.id, seq, {"i": seq}) for seq in range(job.prepared, total)]
         if split and len(rows) > 1:
             first = rows[: len(rows) // 2]
-            if self.run(self.store.write_tasks(job, WORKER, first, job.prepared + len(first), 30)):
+            if self.run(self.store.write_tasks(job, WORKER, first, job.prepared, 30)):
                 self.half_prepared.append((job, job.prepared + len(first)))
             return
         written = self.run(
-            self.store.write_tasks(job, WORKER, rows, total, 30, finish_max_attempts=3)
+            self.store.write_tasks(job, WORKER, rows, job.prepared, 30, finish_max_attempts=3)
         )
         if written and total == 0:
             self.run(self.store.settle([job.id]))

@@ -7,13 +7,16 @@ and the job becomes PENDING in the transaction that writes the last batch.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import asyncpg
 import structlog
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from herder.db import encode_json
 from herder.kinds import InvalidPayload, JobContext, Kind, get_kind, known_kinds
@@ -143,36 +146,126 @@ class Coordinator:
         self, job: PreparationClaim, kind: Kind, context: JobContext
     ) -> int | None:
         """Run prepare and commit its payloads in batches. Returns the task count, or
-        None when the job stopped being ours."""
-        prepared = self.metrics.tasks_prepared.labels(job.kind)
+        None when the job stopped being ours.
+
+        Batches are built while earlier ones are loading, and up to LOADING_BATCHES load
+        at once on their own connections, so the kind's code and the database (both of
+        its cores, on a small machine) work at the same time. They still commit one
+        after another, in order (see _OrderedWriter).
+        """
+        writer = _OrderedWriter(self, job, kind)
+        send, receive = anyio.create_memory_object_stream[_Batch](1)
+        try:
+            async with anyio.create_task_group() as writing:
+                async with receive:
+                    for _ in range(LOADING_BATCHES):
+                        writing.start_soon(writer.run, receive.clone(), writing.cancel_scope)
+                async with send:
+                    total = await self._build_batches(job, kind, context, send)
+        except BaseExceptionGroup as group:
+            # One task failed (the others were cancelled): raise what it raised.
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0]  # noqa: B904 (from would replace its __cause__)
+            raise
+        return total if writer.held else None
+
+    async def _build_batches(
+        self,
+        job: PreparationClaim,
+        kind: Kind,
+        context: JobContext,
+        batches: MemoryObjectSendStream[_Batch],
+    ) -> int:
         seq = job.prepared
         to_skip = 0 if kind.prepare_resumes else job.prepared
-        batch: list[tuple[int, int, Any]] = []
+        rows: list[tuple[int, int, bytes]] = []
         last_flush = time.monotonic()
+        previous: anyio.Event | None = None
         payloads = kind.prepare_fn(context)
         try:
             async for payload in _kind_code(payloads):
                 if to_skip:
                     to_skip -= 1
                     continue
-                batch.append((job.id, seq, _encoded(payload, seq)))
+                rows.append((job.id, seq, _encoded(payload, seq)))
                 seq += 1
-                if len(batch) >= self.batch_size or (
+                if len(rows) >= self.batch_size or (
                     time.monotonic() - last_flush >= self.flush_seconds
                 ):
-                    if not await self.store.write_tasks(job, self.name, batch, seq, self.lease):
-                        return None
-                    prepared.inc(len(batch))
-                    batch = []
+                    batch = _Batch(rows, seq - len(rows), last=False, previous=previous)
+                    await batches.send(batch)
+                    previous = batch.through
+                    rows = []
                     last_flush = time.monotonic()
         finally:
             await payloads.aclose()  # type: ignore[attr-defined]
-        if not await self.store.write_tasks(
-            job, self.name, batch, seq, self.lease, finish_max_attempts=kind.max_attempts
-        ):
-            return None
-        prepared.inc(len(batch))
+        await batches.send(_Batch(rows, seq - len(rows), last=True, previous=previous))
         return seq
+
+
+#: Batches of one preparation loading at the same time, each on its own connection.
+LOADING_BATCHES = 2
+
+
+@dataclass(slots=True)
+class _Batch:
+    rows: list[tuple[int, int, bytes]]
+    #: jobs.prepared before this batch: the batch commits only over exactly this count.
+    first: int
+    #: The last batch: it commits the job PENDING.
+    last: bool
+    #: Set once the batch before this one is through (None: this is the first).
+    previous: anyio.Event | None
+    through: anyio.Event = field(default_factory=anyio.Event)
+
+
+class _OrderedWriter:
+    """Loads a preparation's batches on several connections and commits them in order.
+
+    Each batch's rows go in (COPY) as soon as a connection is free, but its transaction
+    commits only after the batch before it is through, and the database checks that
+    order again (write_batch commits over `prepared` equal to the batch's start). So
+    `jobs.prepared` always counts a gap-free prefix of committed tasks, however the loads
+    interleave, and a batch after one that failed or found the job gone rolls back.
+    """
+
+    def __init__(self, coordinator: Coordinator, job: PreparationClaim, kind: Kind) -> None:
+        self.store = coordinator.store
+        self.name = coordinator.name
+        self.lease = coordinator.lease
+        self.job = job
+        self.max_attempts = kind.max_attempts
+        self.tally = coordinator.metrics.tasks_prepared.labels(job.kind)
+        #: False once a batch found the job no longer ours.
+        self.held = True
+
+    async def run(
+        self, batches: MemoryObjectReceiveStream[_Batch], stop: anyio.CancelScope
+    ) -> None:
+        async with batches:
+            async for batch in batches:
+                written = await self.store.write_tasks(
+                    self.job,
+                    self.name,
+                    batch.rows,
+                    batch.first,
+                    self.lease,
+                    turn=functools.partial(self._turn, batch.previous),
+                    finish_max_attempts=self.max_attempts if batch.last else None,
+                )
+                if not written:
+                    self.held = False
+                batch.through.set()
+                if not self.held:
+                    stop.cancel()  # the job was canceled, restarted or taken over
+                    return
+                self.tally.inc(len(batch.rows))
+
+    async def _turn(self, previous: anyio.Event | None) -> bool:
+        """Wait for the batch before to be through; may this one commit?"""
+        if previous is not None:
+            await previous.wait()
+        return self.held
 
 
 class _PrepareRaised(Exception):

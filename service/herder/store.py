@@ -6,7 +6,7 @@ queries themselves live in ``sql/queries.sql``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -93,14 +93,21 @@ class Store:
         job: PreparationClaim,
         preparer: str,
         rows: Sequence[tuple[int, int, Any]],
-        prepared: int,
+        first: int,
         lease: float,
         *,
+        turn: Callable[[], Awaitable[bool]] | None = None,
         finish_max_attempts: int | None = None,
     ) -> bool:
         """Commit a batch of (job_id, seq, payload) while this preparation still holds the
         job; with ``finish_max_attempts``, also commit the job PENDING in the same
-        transaction. False when the job was canceled, restarted or taken over."""
+        transaction. False when the job was canceled, restarted or taken over.
+
+        Batches commit in order: only over ``jobs.prepared == first``, and only once
+        ``turn`` (the batch before this one committing) answers True. A big batch is sent
+        by COPY before its turn comes, so two batches can be loading at once.
+        """
+        prepared = first + len(rows)
         last_arg: float | int
         if finish_max_attempts is None:
             query, last_arg = Q["write_batch"], lease
@@ -112,22 +119,27 @@ class Store:
                 self._copy_allowed = bool(await conn.fetchval(Q["copy_allowed"]))
             # COPY is the fastest way in, but costs extra round trips: big batches only.
             if not (self._copy_allowed and len(rows) >= COPY_THRESHOLD):
-                seqs, payloads = [r[1] for r in rows], [r[2] for r in rows]
-                return (
-                    await conn.fetchval(query, *head, seqs, payloads, prepared, last_arg)
-                    is not None
-                )
-            async with conn.transaction():
-                # Take the job first: nothing is sent for a job that is no longer ours,
-                # and the job cannot vanish under the batch.
-                if await conn.fetchval(query, *head, [], [], prepared, last_arg) is None:
+                if turn is not None and not await turn():
                     return False
-                await conn.copy_records_to_table(
-                    "tasks",
-                    schema_name="herder",
-                    columns=("job_id", "seq", "payload"),
-                    records=rows,
+                seqs, payloads = [r[1] for r in rows], [r[2] for r in rows]
+                written = await conn.fetchval(
+                    query, *head, seqs, payloads, prepared, last_arg, first
                 )
+                return written is not None
+            try:
+                async with conn.transaction():
+                    await conn.copy_records_to_table(
+                        "tasks",
+                        schema_name="herder",
+                        columns=("job_id", "seq", "payload"),
+                        records=rows,
+                    )
+                    if turn is not None and not await turn():
+                        raise _NotOurs
+                    if await conn.fetchval(query, *head, [], [], prepared, last_arg, first) is None:
+                        raise _NotOurs
+            except _NotOurs:
+                return False  # the batch was rolled back
         return True
 
     async def fail_preparation(
@@ -338,3 +350,7 @@ class Store:
 
 CONTROL_ACTIONS = ("cancel", "resume", "retry", "restart", "verify")
 COPY_THRESHOLD = 1000
+
+
+class _NotOurs(Exception):
+    """The job was canceled, restarted or taken over while a batch was being written."""

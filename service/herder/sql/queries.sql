@@ -27,11 +27,14 @@ WHERE r.rolname = current_user AND c.oid = 'herder.tasks'::regclass;
 -- name: write_batch
 -- One statement: the batch ($4 seqs, $5 payloads) is written only while this daemon still
 -- holds this generation's preparation of a PREPARING job (cancel_job waits for the row
--- lock), and the job's `prepared` count commits with it, so a resumed preparation knows
--- exactly where to continue. Returns no row when the job is no longer ours.
+-- lock), and only right after the batch before it ($8: `prepared` when this batch began),
+-- and the job's `prepared` count commits with it, so a resumed preparation knows exactly
+-- where to continue. Returns no row when the job is no longer ours. (A batch sent by
+-- COPY beforehand, in the same transaction, passes empty arrays.)
 WITH held AS (
     SELECT id FROM herder.jobs
     WHERE id = $1 AND generation = $2 AND preparer = $3 AND status = 'PREPARING'
+      AND prepared = $8
     FOR UPDATE
 ), written AS (
     INSERT INTO herder.tasks (job_id, seq, payload)
@@ -48,6 +51,7 @@ RETURNING j.id;
 WITH held AS (
     SELECT id FROM herder.jobs
     WHERE id = $1 AND generation = $2 AND preparer = $3 AND status = 'PREPARING'
+      AND prepared = $8
     FOR UPDATE
 ), written AS (
     INSERT INTO herder.tasks (job_id, seq, payload)
