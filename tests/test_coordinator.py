@@ -272,7 +272,8 @@ async def test_batches_load_side_by_side_and_commit_in_order(
         tg.start_soon(coordinator.run)
 
         async def pending() -> bool:
-            return (await job_row(conn, job_id))["status"] == "PENDING"
+            row = await job_row(conn, job_id)
+            return bool(row["status"] == "PENDING")
 
         await wait_for(pending, what="the job to be prepared")
         tg.cancel_scope.cancel()

@@ -103,21 +103,23 @@ class HerderModel(RuleBasedStateMachine):
             self.run(self.store.start_jobs(starting))
 
     @precondition(lambda self: self.held)
-    @rule(data=st.data(), status=st.sampled_from(OUTCOMES))
-    def finish(self, data: st.DataObject, status: str) -> None:
+    @rule(data=st.data(), status=st.sampled_from(OUTCOMES), quiet=st.booleans())
+    def finish(self, data: st.DataObject, status: str, quiet: bool) -> None:
+        """quiet: no message (a plain SUCCESS is written by its own query)."""
         task_id = data.draw(st.sampled_from(sorted(self.held)))
         task = self.held.pop(task_id)
-        outcome = Outcome(task.id, task.job_id, task.attempts, status, f"model {status}")
+        message = None if quiet else f"model {status}"
+        outcome = Outcome(task.id, task.job_id, task.attempts, status, message)
         applied = self.run(self.store.complete_tasks([outcome]))
         if applied:
             self.run(self.store.settle([task.job_id]))
 
     @precondition(lambda self: self.stale)
-    @rule(status=st.sampled_from(OUTCOMES))
-    def stale_worker_finishes(self, status: str) -> None:
+    @rule(status=st.sampled_from(OUTCOMES), quiet=st.booleans())
+    def stale_worker_finishes(self, status: str, quiet: bool) -> None:
         """A worker that lost its lease reports late: nothing may change."""
         task = self.stale.pop()
-        outcome = Outcome(task.id, task.job_id, task.attempts, status, "late")
+        outcome = Outcome(task.id, task.job_id, task.attempts, status, None if quiet else "late")
         before = self.run(
             self.store.pool.fetchrow("SELECT * FROM herder.tasks WHERE id = $1", task.id)
         )

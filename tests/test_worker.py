@@ -350,3 +350,40 @@ async def test_prefetch_holds_about_a_second_of_work(store: Store) -> None:
     )
     fixed._mean_task_seconds = 0.00001
     assert fixed.prefetch == 7
+
+
+async def test_one_completion_batch_mixing_plain_and_detailed_outcomes(store: Store) -> None:
+    """Plain successes and outcomes with a message, result or retry go by different
+    statements; both are fenced by attempt, and only what applied is reported."""
+    job_id = await store.submit("synthetic", {"tasks": 5})
+    await store.pool.execute(
+        "INSERT INTO herder.tasks (job_id, seq) SELECT $1, i FROM generate_series(0, 4) i",
+        job_id,
+    )
+    await store.pool.execute("UPDATE herder.jobs SET status = 'PENDING' WHERE id = $1", job_id)
+    a, b, c, d, e = sorted(await store.claim_tasks(5, "w", 30), key=lambda t: t.seq)
+    applied = await store.complete_tasks(
+        [
+            Outcome(a.id, job_id, a.attempts, "SUCCESS"),
+            Outcome(b.id, job_id, b.attempts, "SUCCESS", result_json='{"n": 1}'),
+            Outcome(c.id, job_id, c.attempts, "WARNING", "careful"),
+            Outcome(d.id, job_id, d.attempts + 1, "SUCCESS"),  # a stale attempt
+            Outcome(e.id, job_id, e.attempts, "PENDING", "try again", delay=60),
+        ]
+    )
+    assert sorted(applied) == sorted((t.id, job_id) for t in (a, b, c, e))
+    rows = {
+        r["id"]: r
+        for r in await store.pool.fetch("SELECT * FROM herder.tasks WHERE job_id = $1", job_id)
+    }
+    assert (rows[a.id]["status"], rows[a.id]["message"], rows[a.id]["worker"]) == (
+        "SUCCESS",
+        None,
+        None,
+    )
+    assert rows[a.id]["ended_at"] is not None
+    assert (rows[b.id]["status"], rows[b.id]["result"]) == ("SUCCESS", {"n": 1})
+    assert (rows[c.id]["status"], rows[c.id]["message"]) == ("WARNING", "careful")
+    assert rows[d.id]["status"] == "IN_PROGRESS"
+    assert (rows[e.id]["status"], rows[e.id]["ended_at"]) == ("PENDING", None)
+    assert rows[e.id]["run_at"] is not None

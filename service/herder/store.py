@@ -56,6 +56,15 @@ class Outcome:
     kind: str = ""
     seconds: float = 0.0
 
+    @property
+    def is_plain_success(self) -> bool:
+        return (
+            self.status == "SUCCESS"
+            and self.message is None
+            and self.result_json is None
+            and self.traceback is None
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class SettledJob:
@@ -181,17 +190,25 @@ class Store:
         return [r["latency"] for r in await self.pool.fetch(Q["start_jobs"], job_ids)]
 
     async def complete_tasks(self, outcomes: Sequence[Outcome]) -> list[tuple[int, int]]:
-        """Write outcomes in one statement; return the (task_id, job_id) that applied."""
-        rows = await self.pool.fetch(
-            Q["complete_tasks"],
-            [o.task_id for o in outcomes],
-            [o.attempt for o in outcomes],
-            [o.status for o in outcomes],
-            [o.message for o in outcomes],
-            [o.result_json for o in outcomes],
-            [o.traceback for o in outcomes],
-            [o.delay for o in outcomes],
-        )
+        """Write outcomes, many per statement; return the (task_id, job_id) that applied."""
+        plain = [o for o in outcomes if o.is_plain_success]
+        detailed = [o for o in outcomes if not o.is_plain_success]
+        rows = []
+        if plain:
+            rows += await self.pool.fetch(
+                Q["complete_successes"], [o.task_id for o in plain], [o.attempt for o in plain]
+            )
+        if detailed:
+            rows += await self.pool.fetch(
+                Q["complete_tasks"],
+                [o.task_id for o in detailed],
+                [o.attempt for o in detailed],
+                [o.status for o in detailed],
+                [o.message for o in detailed],
+                [o.result_json for o in detailed],
+                [o.traceback for o in detailed],
+                [o.delay for o in detailed],
+            )
         return [(r["id"], r["job_id"]) for r in rows]
 
     async def release_tasks(self, held: Iterable[tuple[int, int]], worker: str) -> int:

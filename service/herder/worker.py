@@ -36,6 +36,8 @@ PREFETCH_HORIZON = 1.0
 #: Weight of the newest handler time in the moving average.
 TASK_SECONDS_WEIGHT = 0.05
 _SHUTDOWN = "shutdown"
+#: An executor lets the event loop run other things at least once per this many tasks.
+YIELD_EVERY = 32
 
 
 @dataclass(slots=True)
@@ -176,7 +178,11 @@ class Worker:
     async def _claimer(self) -> None:
         while self._claiming:
             prefetch = self.prefetch
-            room = prefetch - len(self._held)
+            # Room is measured in work not yet done: waiting on the completer's write
+            # too would idle the executors once per batch. Tasks done but not yet
+            # written are bounded separately, by another `prefetch`.
+            unfinished = len(self._queue) + len(self._running)
+            room = min(prefetch - unfinished, 2 * prefetch - len(self._held))
             if room < max(1, min(self.claim_batch, prefetch) // 4):
                 await self._capacity.wait(self.poll_interval)
                 continue
@@ -219,6 +225,7 @@ class Worker:
         many tasks in one scope (a slot). Stopping a running task cancels its slot's
         scope; the executor then records the task and opens a new slot.
         """
+        ran = 0
         while self._executing:
             slot = _Slot(anyio.CancelScope())
             task: ClaimedTask | None = None
@@ -232,6 +239,11 @@ class Worker:
                         self._work.set()
                     self._finish(task, await self._run_in(slot, task))
                     task = None
+                    ran += 1
+                    if ran % YIELD_EVERY == 0:
+                        # Handlers that never suspend would otherwise keep the loop from
+                        # the claimer and completer until the whole local queue is done.
+                        await anyio.lowlevel.checkpoint()
                     if slot.scope.cancel_called:
                         break  # the cancel came too late for its task: use a fresh slot
             if task is not None and _SHUTDOWN not in slot.reason:
@@ -262,6 +274,7 @@ class Worker:
             outcome.kind = task.kind
             self._outcomes.append(outcome)
             self._outcomes_ready.set()
+        self._capacity.set()
 
     async def _execute(self, task: ClaimedTask) -> Outcome | None:
         attempt = task.attempts - task.attempts_base
@@ -385,7 +398,11 @@ class Worker:
                 log.info("discarded stale outcomes (canceled, rescued or restarted)", tasks=stale)
             if any(o.status == TaskStatus.PENDING for o in batch):
                 self.wakeup.set()
-            self.metrics.settled(await self.store.settle({job_id for _, job_id in applied}))
+            # A job this worker still holds a task of cannot settle yet (that task is
+            # running, or whoever took it from us settles), so it is not even asked:
+            # the candidate query is the costliest part of a flush on a big job.
+            finished_here = {job_id for _, job_id in applied} - self.held_job_ids
+            self.metrics.settled(await self.store.settle(finished_here))
 
 
 class _TimedOut(Exception):
