@@ -403,6 +403,20 @@ def test_a_bad_env_value_is_a_usage_error(
     assert len(err.strip().splitlines()) == 1
 
 
+# ---------------------------------------------------------------- demo
+
+
+async def test_demo_runs_its_job_in_process_and_shows_it(db_url: str, conn: db.Connection) -> None:
+    result = await herder(db_url, "demo")
+    assert result.code == 0, result.err  # WARNING: one task warns, by design
+    assert result.out.startswith("demo job 1: synthetic {")
+    assert "WARNING" in result.out
+    assert "synthetic warning for task 7" in result.out
+    assert "look again with: herder --database-url" in result.out
+    job = await job_row(conn, 1)
+    assert (job["status"], job["message"]) == ("WARNING", "1 of 2000 tasks with warnings")
+
+
 # ---------------------------------------------------------------- run
 
 

@@ -36,7 +36,10 @@ class ClaimedTask:
     attempts: int
     attempts_base: int
     kind: str
+    #: The job's status when the task was claimed.
     job_status: str
+    #: Its job was canceled or restarted while the task waited in the local queue.
+    stopped: bool = False
 
 
 @dataclass(slots=True)

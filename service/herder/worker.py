@@ -115,7 +115,7 @@ class Worker:
         # Tasks still waiting in the local queue are settled when an executor reaches them.
         for task in self._queue:
             if task.job_id in job_ids:
-                task.job_status = "STOPPED"
+                task.stopped = True
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -279,7 +279,7 @@ class Worker:
     async def _execute(self, task: ClaimedTask) -> Outcome | None:
         attempt = task.attempts - task.attempts_base
         kind = get_kind(task.kind)
-        if task.job_status == "STOPPED":
+        if task.stopped:
             return self._outcome(task, TaskStatus.CANCELED, "canceled before it started")
         if kind is None:
             return self._outcome(task, TaskStatus.FAILURE, f"unknown kind {task.kind!r}")
