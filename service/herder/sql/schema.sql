@@ -93,8 +93,14 @@ CREATE TABLE IF NOT EXISTS herder.tasks (
 -- lock, so a job cannot vanish under a batch being written.)
 ALTER TABLE herder.tasks DROP CONSTRAINT IF EXISTS tasks_job_id_fkey;
 
+-- Both look rows up one by one, by index: the planner knows nothing of a transition
+-- table and would rather hash a sequential scan of the whole other table.
 CREATE OR REPLACE FUNCTION herder.check_tasks_have_jobs() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+SET enable_seqscan = off
+SET enable_hashjoin = off
+SET enable_mergejoin = off
+AS $$
 DECLARE
     orphan bigint;
 BEGIN
@@ -116,9 +122,15 @@ CREATE TRIGGER tasks_have_jobs AFTER INSERT ON herder.tasks
     FOR EACH STATEMENT EXECUTE FUNCTION herder.check_tasks_have_jobs();
 
 CREATE OR REPLACE FUNCTION herder.delete_tasks_of_deleted_jobs() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+SET enable_seqscan = off
+SET enable_hashjoin = off
+SET enable_mergejoin = off
+AS $$
 BEGIN
-    DELETE FROM herder.tasks t USING deleted_jobs d WHERE t.job_id = d.id;
+    -- One pass over the block ranges of all the deleted jobs (and the BRIN index's
+    -- unsummarized tail), not one per job.
+    DELETE FROM herder.tasks WHERE job_id = ANY (ARRAY(SELECT id FROM deleted_jobs));
     RETURN NULL;
 END;
 $$;
@@ -137,7 +149,11 @@ CREATE INDEX IF NOT EXISTS tasks_pending_idx ON herder.tasks (job_id, seq)
     WHERE status = 'PENDING';
 CREATE INDEX IF NOT EXISTS tasks_running_idx ON herder.tasks (job_id)
     WHERE status = 'IN_PROGRESS';
-CREATE INDEX IF NOT EXISTS tasks_job_brin ON herder.tasks USING brin (job_id);
+CREATE INDEX IF NOT EXISTS tasks_job_brin ON herder.tasks USING brin (job_id)
+    WITH (autosummarize = on);
+-- Summarized as pages fill (by autovacuum), not only at VACUUM: a range left
+-- unsummarized matches every lookup.
+ALTER INDEX herder.tasks_job_brin SET (autosummarize = on);
 -- In a queue the status histogram is always stale (a million PENDING rows at ANALYZE
 -- time are finished a minute later), and a planner believing it walks the primary key
 -- through history instead of the partial indexes. Without statistics the planner
