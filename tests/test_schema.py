@@ -6,6 +6,7 @@ import pytest
 
 from herder import db
 from herder.states import Event, JobStatus, allowed
+from herder.store import Store
 
 CONTROLS = {
     "cancel_job": Event.CANCEL,
@@ -144,3 +145,32 @@ async def test_tasks_belong_to_jobs_and_go_with_them(conn: db.Connection) -> Non
     await conn.execute("DELETE FROM herder.jobs WHERE id = ANY($1::bigint[])", jobs[:2])
     rows = await conn.fetch("SELECT job_id, count(*) AS n FROM herder.tasks GROUP BY job_id")
     assert [(r["job_id"], r["n"]) for r in rows] == [(jobs[2], 100)]
+
+
+async def test_migrate_upgrades_a_database_of_the_previous_schema(
+    conn: db.Connection, store: Store
+) -> None:
+    """The previous schema had a foreign key from tasks to jobs and a claim function that
+    also returned max_attempts; migrate replaces both."""
+    await conn.execute("""
+        ALTER TABLE herder.tasks ADD CONSTRAINT tasks_job_id_fkey
+            FOREIGN KEY (job_id) REFERENCES herder.jobs ON DELETE CASCADE;
+        DROP FUNCTION herder.claim_tasks(int, text, float8);
+        CREATE FUNCTION herder.claim_tasks(batch int, worker_name text, lease_seconds float8)
+        RETURNS TABLE (id bigint, job_id bigint, seq int, payload jsonb, attempts int,
+                       attempts_base int, kind text, job_status text, max_attempts int,
+                       priority int)
+        LANGUAGE sql AS $$ SELECT NULL::bigint, NULL::bigint, 0, NULL::jsonb, 0, 0, '', '',
+                                  0, 0 WHERE false $$;
+        UPDATE herder.schema_version SET checksum = NULL;
+    """)
+    await db.migrate(conn)
+    constraints = await conn.fetchval(
+        "SELECT count(*) FROM pg_constraint WHERE conname = 'tasks_job_id_fkey'"
+    )
+    assert constraints == 0
+    job_id = await store.submit("synthetic", {"tasks": 1})
+    await conn.execute("INSERT INTO herder.tasks (job_id, seq) VALUES ($1, 0)", job_id)
+    await conn.execute("UPDATE herder.jobs SET status = 'PENDING' WHERE id = $1", job_id)
+    [claimed] = await store.claim_tasks(10, "w", 30)
+    assert (claimed.job_id, claimed.seq) == (job_id, 0)
