@@ -9,20 +9,12 @@ from __future__ import annotations
 import argparse
 import os
 from functools import partial
-from typing import Any
 
 import anyio
 
 from herder import logs
 from herder.daemon import Daemon, DaemonConfig
-
-
-def _backend_options() -> dict[str, Any]:
-    try:
-        import uvloop  # type: ignore[import-not-found,unused-ignore]  # noqa: F401
-    except ImportError:
-        return {}
-    return {"use_uvloop": True}
+from herder.eventloop import event_loop_options
 
 
 async def _serve(args: argparse.Namespace) -> None:
@@ -53,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-uvloop", action="store_true", help="plain asyncio event loop")
     args = parser.parse_args(argv)
     logs.configure(args.log_level, json=True)
-    options = {} if args.no_uvloop else _backend_options()
+    options = {} if args.no_uvloop else event_loop_options()
     anyio.run(_serve, args, backend_options=options)
     return 0
 

@@ -37,6 +37,7 @@ from rich.table import Table
 from rich.text import Text
 
 from herder import db, logs
+from herder.eventloop import event_loop_options
 from herder.kinds import KindError
 from herder.resilience import TRANSIENT
 from herder.states import JOB_FINISHED, JobStatus
@@ -105,7 +106,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(level)
     try:
         url = _database_url(args)
-        code: int = anyio.run(args.handler, args, url, backend="asyncio")
+        code: int = anyio.run(
+            args.handler, args, url, backend="asyncio", backend_options=event_loop_options()
+        )
         return code
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
