@@ -47,6 +47,7 @@ def encode_json(value: Any) -> bytes:
 
 
 def dumps(value: Any) -> str:
+    """encode_json as a str, for text parameters and the json type."""
     return encode_json(value).decode()
 
 
