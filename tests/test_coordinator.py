@@ -246,11 +246,15 @@ async def test_higher_priority_jobs_run_first_fifo_within(db_url: str, conn: db.
     assert order == expected
 
 
+@pytest.mark.parametrize("fk_checked", [False, True], ids=["unchecked", "fk-checked"])
 async def test_batches_load_side_by_side_and_commit_in_order(
-    store: Store, conn: db.Connection
+    store: Store, conn: db.Connection, fk_checked: bool
 ) -> None:
     """Batches of one job load on two connections at once, yet every commit extends a
-    gap-free prefix: whenever `prepared` moves, it equals the tasks the job then has."""
+    gap-free prefix: whenever `prepared` moves, it equals the tasks the job then has.
+    With the foreign key checked (a role that may not skip it), a loading batch holds a
+    lock on its job that the batch before it must not wait for."""
+    store = Store(store.pool, unchecked_copy=not fk_checked)
     await conn.execute("""
         CREATE TABLE public.prepared_log (
             n serial, prepared int, visible bigint, backend int, status text);
@@ -286,3 +290,40 @@ async def test_batches_load_side_by_side_and_commit_in_order(
     assert len({r["backend"] for r in log}) >= 2  # loaded on more than one connection
     seqs = await conn.fetchval("SELECT count(DISTINCT seq) FROM herder.tasks")
     assert seqs == 60_000
+
+
+async def test_a_job_deleted_while_loading_keeps_no_tasks(
+    store: Store, conn: db.Connection, make_kind: Callable[..., Kind]
+) -> None:
+    """A batch loaded without the foreign key's checks commits only if its job is still
+    there: deleting the job between two batches leaves no task behind."""
+    gate = anyio.Event()
+    between = make_kind("two_halves")
+
+    @between.prepare
+    async def prepare(job: herder.JobContext) -> AsyncIterator[herder.JSON]:
+        for i in range(4000):
+            if i == 2000:
+                await gate.wait()
+            yield {"i": i}
+
+    job_id = await submit(conn, "two_halves", {})
+    coordinator = Coordinator(
+        store, "loader", metrics=Metrics(), lease=30, poll_interval=0.1, batch_size=2000
+    )
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(coordinator.run)
+
+        async def first_half_in() -> bool:
+            return bool((await job_row(conn, job_id))["prepared"] == 2000)
+
+        await wait_for(first_half_in, what="the first batch")
+        await conn.execute("DELETE FROM herder.jobs WHERE id = $1", job_id)
+        gate.set()
+
+        async def gave_up() -> bool:
+            return not coordinator.preparing
+
+        await wait_for(gave_up, what="the preparation to stop")
+        tg.cancel_scope.cancel()
+    assert await conn.fetchval("SELECT count(*) FROM herder.tasks") == 0

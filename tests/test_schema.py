@@ -124,7 +124,7 @@ async def test_migrate_upgrades_a_database_of_an_earlier_version(conn: db.Connec
 
 
 async def test_tasks_belong_to_jobs_and_go_with_them(conn: db.Connection) -> None:
-    """The foreign key's guarantees, kept by statement-level triggers (cheaper per row)."""
+    """The contract's foreign key: no task without its job, and a job's tasks go with it."""
     import asyncpg
 
     jobs = [await conn.fetchval("SELECT herder.submit_job('synthetic')") for _ in range(3)]
@@ -134,7 +134,7 @@ async def test_tasks_belong_to_jobs_and_go_with_them(conn: db.Connection) -> Non
         columns=("job_id", "seq"),
         records=[(job_id, seq) for job_id in jobs for seq in range(100)],
     )
-    with pytest.raises(asyncpg.ForeignKeyViolationError, match=r"job 999999, which does not"):
+    with pytest.raises(asyncpg.ForeignKeyViolationError):
         await conn.execute(
             "INSERT INTO herder.tasks (job_id, seq) VALUES ($1, 0), (999999, 0)", jobs[0]
         )
@@ -150,11 +150,9 @@ async def test_tasks_belong_to_jobs_and_go_with_them(conn: db.Connection) -> Non
 async def test_migrate_upgrades_a_database_of_the_previous_schema(
     conn: db.Connection, store: Store
 ) -> None:
-    """The previous schema had a foreign key from tasks to jobs and a claim function that
-    also returned max_attempts; migrate replaces both."""
+    """The previous schema's claim function also returned max_attempts; migrate replaces
+    it although its result type changed."""
     await conn.execute("""
-        ALTER TABLE herder.tasks ADD CONSTRAINT tasks_job_id_fkey
-            FOREIGN KEY (job_id) REFERENCES herder.jobs ON DELETE CASCADE;
         DROP FUNCTION herder.claim_tasks(int, text, float8);
         CREATE FUNCTION herder.claim_tasks(batch int, worker_name text, lease_seconds float8)
         RETURNS TABLE (id bigint, job_id bigint, seq int, payload jsonb, attempts int,
@@ -165,10 +163,6 @@ async def test_migrate_upgrades_a_database_of_the_previous_schema(
         UPDATE herder.schema_version SET checksum = NULL;
     """)
     await db.migrate(conn)
-    constraints = await conn.fetchval(
-        "SELECT count(*) FROM pg_constraint WHERE conname = 'tasks_job_id_fkey'"
-    )
-    assert constraints == 0
     job_id = await store.submit("synthetic", {"tasks": 1})
     await conn.execute("INSERT INTO herder.tasks (job_id, seq) VALUES ($1, 0)", job_id)
     await conn.execute("UPDATE herder.jobs SET status = 'PENDING' WHERE id = $1", job_id)

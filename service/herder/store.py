@@ -87,12 +87,18 @@ class FinishHookClaim:
 
 
 class Store:
-    def __init__(self, pool: Pool, app_pool: Pool | None = None) -> None:
+    def __init__(
+        self, pool: Pool, app_pool: Pool | None = None, *, unchecked_copy: bool | None = None
+    ) -> None:
+        """``unchecked_copy``: load batches with the foreign key's per-row checks off
+        (see write_tasks). None: whenever the database role may; False: never."""
         self.pool = pool
         #: The pool kinds' code gets (JobContext.pool, TaskContext.pool): its sessions are
         #: reset between uses, so nothing a kind sets can leak into herder's queries.
         self.app_pool = app_pool or pool
-        self._copy_allowed: bool | None = None
+        self._unchecked_copy = unchecked_copy
+        #: (COPY allowed, foreign key checks may be skipped for a COPY); read on first use.
+        self._copy_modes: tuple[bool, bool] | None = None
 
     # ------------------------------------------------------------ preparation
 
@@ -127,10 +133,14 @@ class Store:
             query, last_arg = Q["write_last_batch"], finish_max_attempts
         head = (job.id, job.generation, preparer)
         async with self.pool.acquire() as conn:
-            if self._copy_allowed is None:
-                self._copy_allowed = bool(await conn.fetchval(Q["copy_allowed"]))
+            if self._copy_modes is None:
+                modes = await conn.fetchrow(Q["copy_modes"])
+                assert modes is not None
+                may_skip = bool(modes["unchecked"]) and self._unchecked_copy is not False
+                self._copy_modes = (bool(modes["copy"]), may_skip)
+            copy_allowed, unchecked = self._copy_modes
             # COPY is the fastest way in, but costs extra round trips: big batches only.
-            if not (self._copy_allowed and len(rows) >= COPY_THRESHOLD):
+            if not (copy_allowed and len(rows) >= COPY_THRESHOLD):
                 if turn is not None and not await turn():
                     return False
                 seqs, payloads = [r[1] for r in rows], [r[2] for r in rows]
@@ -140,12 +150,20 @@ class Store:
                 return written is not None
             try:
                 async with conn.transaction():
+                    # The foreign key checks each row with a query of its own, half of
+                    # what a COPY costs the server. These rows need no check: this same
+                    # transaction commits them only if the fenced write below finds their
+                    # job, and locks it against deletion until then.
+                    if unchecked:
+                        await conn.execute(Q["skip_row_triggers"])
                     await conn.copy_records_to_table(
                         "tasks",
                         schema_name="herder",
                         columns=("job_id", "seq", "payload"),
                         records=rows,
                     )
+                    if unchecked:
+                        await conn.execute(Q["fire_row_triggers"])
                     if turn is not None and not await turn():
                         raise _NotOurs
                     if await conn.fetchval(query, *head, [], [], prepared, last_arg, first) is None:

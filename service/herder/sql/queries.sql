@@ -17,12 +17,24 @@ WHERE j.id = (
 )
 RETURNING j.id, j.kind, j.payload, j.priority, j.owner, j.generation, j.prepared;
 
--- name: copy_allowed
+-- name: copy_modes
 -- COPY FROM refuses a role subject to row-level security (a daemon running as a plain
 -- herder_worker member); such a daemon writes every batch with write_batch.
-SELECT r.rolsuper OR r.rolbypassrls OR pg_has_role(c.relowner, 'USAGE')
+-- A role that may set session_replication_role (a superuser, or one granted SET on it)
+-- may load with the foreign key's per-row checks off: see Store.write_tasks.
+SELECT r.rolsuper OR r.rolbypassrls OR pg_has_role(c.relowner, 'USAGE') AS copy,
+       has_parameter_privilege('session_replication_role', 'SET') AS unchecked
 FROM pg_roles r, pg_class c
 WHERE r.rolname = current_user AND c.oid = 'herder.tasks'::regclass;
+
+-- name: skip_row_triggers
+-- For the COPY of one batch only (SET LOCAL, switched back before the batch's fenced
+-- write): in replica mode PostgreSQL fires no ordinary trigger, the foreign key's per-row
+-- check included.
+SET LOCAL session_replication_role = replica;
+
+-- name: fire_row_triggers
+SET LOCAL session_replication_role = origin;
 
 -- name: write_batch
 -- One statement: the batch ($4 seqs, $5 payloads) is written only while this daemon still
@@ -31,11 +43,14 @@ WHERE r.rolname = current_user AND c.oid = 'herder.tasks'::regclass;
 -- and the job's `prepared` count commits with it, so a resumed preparation knows exactly
 -- where to continue. Returns no row when the job is no longer ours. (A batch sent by
 -- COPY beforehand, in the same transaction, passes empty arrays.)
+-- NO KEY UPDATE, not UPDATE: the next batch, loading meanwhile, holds KEY SHARE on the
+-- job through its foreign key checks, and waits for this one to commit before its own
+-- turn. FOR UPDATE would wait for it in turn: a deadlock no server could see.
 WITH held AS (
     SELECT id FROM herder.jobs
     WHERE id = $1 AND generation = $2 AND preparer = $3 AND status = 'PREPARING'
       AND prepared = $8
-    FOR UPDATE
+    FOR NO KEY UPDATE
 ), written AS (
     INSERT INTO herder.tasks (job_id, seq, payload)
     SELECT held.id, b.seq, b.payload FROM held, unnest($4::int[], $5::jsonb[]) AS b(seq, payload)
@@ -52,7 +67,7 @@ WITH held AS (
     SELECT id FROM herder.jobs
     WHERE id = $1 AND generation = $2 AND preparer = $3 AND status = 'PREPARING'
       AND prepared = $8
-    FOR UPDATE
+    FOR NO KEY UPDATE
 ), written AS (
     INSERT INTO herder.tasks (job_id, seq, payload)
     SELECT held.id, b.seq, b.payload FROM held, unnest($4::int[], $5::jsonb[]) AS b(seq, payload)
