@@ -66,7 +66,7 @@ async def test_kill_9_mid_preparation_and_mid_job_loses_and_duplicates_nothing(
 ) -> None:
     conn = await db.connect(private_db_url)
     try:
-        job_id = await submit(conn, "synthetic", {"tasks": 4000, "prepare_ms": 1, "task_ms": 3})
+        job_id = await submit(conn, "synthetic", {"tasks": 4000, "prepare_ms": 0.5, "task_ms": 3})
         kills = 0
         first = daemons(private_db_url, *FAST, "--concurrency", "20")
         await first.ready()
