@@ -17,12 +17,14 @@ from typing import Any
 import pytest
 
 from herder import db, logs
-from herder.kinds import Kind, unregister
+from herder.kinds import Kind, TaskContext, unregister
 from herder.store import Store
 from tests.private_pg import PrivatePostgres
 from tests.support import DaemonProcess, with_database
 
-TEMPLATE = "herder_test_template"
+# One template per test run: two runs sharing a server (TEST_DATABASE_URL) must not
+# drop each other's template mid-run.
+TEMPLATE = f"herder_test_template_{os.getpid()}"
 _counter = itertools.count()
 
 
@@ -63,7 +65,7 @@ def server_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-async def template_url(server_url: str) -> str:
+async def template_url(server_url: str) -> AsyncIterator[str]:
     admin = await db.connect(server_url)
     try:
         await admin.execute(f"DROP DATABASE IF EXISTS {TEMPLATE} WITH (FORCE)")
@@ -72,7 +74,12 @@ async def template_url(server_url: str) -> str:
         await admin.close()
     url = with_database(server_url, TEMPLATE)
     await db.migrate_url(url)
-    return url
+    yield url
+    admin = await db.connect(server_url)
+    try:
+        await admin.execute(f"DROP DATABASE IF EXISTS {TEMPLATE} WITH (FORCE)")
+    finally:
+        await admin.close()
 
 
 @pytest.fixture
@@ -113,11 +120,19 @@ def make_kind() -> Iterator[Callable[..., Kind]]:
 
     def make(name: str, **options: Any) -> Kind:
         made.append(name)
-        return Kind(name, **options)
+        kind = Kind(name, **options)
+        # A kind without process stops every daemon at start (a configuration error):
+        # tests that care declare their own, which replaces this one.
+        kind.process(_no_op)
+        return kind
 
     yield make
     for name in made:
         unregister(name)
+
+
+async def _no_op(task: TaskContext) -> None:
+    return None
 
 
 @pytest.fixture(scope="module")

@@ -56,7 +56,7 @@ async def test_on_finished_runs_once_per_settlement_and_not_for_cancels(
 
         await wait_for(third_ran, what="the hook after the retry")
     assert sorted(seen) == sorted([(ok, "SUCCESS"), (bad, "FAILURE"), (bad, "FAILURE")])
-    assert await conn.fetchval("SELECT count(*) FROM herder.jobs WHERE finish_pending") == 0
+    assert await conn.fetchval("SELECT count(*) FROM herder.finish_hooks") == 0
 
 
 async def test_a_hook_left_pending_by_a_dead_daemon_runs_on_another(
@@ -66,18 +66,22 @@ async def test_a_hook_left_pending_by_a_dead_daemon_runs_on_another(
     in the middle of a hook (claimed, lease run out): a live daemon runs both, once."""
     seen = recording_kind(make_kind, "orphaned")
     never_claimed = await conn.fetchval(
-        "INSERT INTO herder.jobs (kind, status, ended_at, prepared_at, finish_pending) "
-        "VALUES ('orphaned', 'SUCCESS', now(), now(), true) RETURNING id"
+        "WITH j AS (INSERT INTO herder.jobs (kind, status, ended_at, prepared_at) "
+        "VALUES ('orphaned', 'SUCCESS', now(), now()) RETURNING id, status) "
+        "INSERT INTO herder.finish_hooks (job_id, status) SELECT id, status FROM j "
+        "RETURNING job_id"
     )
     died_mid_hook = await conn.fetchval(
-        "INSERT INTO herder.jobs (kind, status, ended_at, prepared_at, finish_pending, "
-        "finish_lease_until) VALUES ('orphaned', 'WARNING', now(), now(), true, "
-        "clock_timestamp() - interval '1 s') RETURNING id"
+        "WITH j AS (INSERT INTO herder.jobs (kind, status, ended_at, prepared_at) "
+        "VALUES ('orphaned', 'WARNING', now(), now()) RETURNING id, status) "
+        "INSERT INTO herder.finish_hooks (job_id, status, attempts, runner, lease_until) "
+        "SELECT id, status, 1, 'dead daemon', clock_timestamp() - interval '1 s' FROM j "
+        "RETURNING job_id"
     )
     async with running_daemon(db_url):
 
         async def done() -> bool:
-            return not await conn.fetchval("SELECT bool_or(finish_pending) FROM herder.jobs")
+            return not await conn.fetchval("SELECT count(*) FROM herder.finish_hooks")
 
         await wait_for(done, what="the orphaned hooks")
     assert sorted(seen) == [(never_claimed, "SUCCESS"), (died_mid_hook, "WARNING")]

@@ -43,7 +43,7 @@ class HerderModel(RuleBasedStateMachine):
         super().__init__()
         self.run = self.env.run
         self.store = self.env.store
-        self.run(self.store.pool.execute("TRUNCATE herder.jobs, herder.tasks"))
+        self.run(self.store.pool.execute("TRUNCATE herder.jobs, herder.tasks, herder.finish_hooks"))
         self.held: dict[int, ClaimedTask] = {}
         self.stale: list[ClaimedTask] = []  # held by a worker that "died"
         self.half_prepared: list[tuple[PreparationClaim, int]] = []
@@ -140,7 +140,7 @@ class HerderModel(RuleBasedStateMachine):
                 "WHERE status = 'IN_PROGRESS'"
             )
         )
-        self.run(self.store.rescue_expired_tasks())
+        self.run(self.store.rescue_expired_tasks("model-sweeper"))
 
     @rule(data=st.data(), action=st.sampled_from(CONTROLS))
     def control(self, data: st.DataObject, action: str) -> None:

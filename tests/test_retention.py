@@ -19,13 +19,16 @@ async def make_job(
     conn: db.Connection, status: str, age_days: float, tasks: int, **extra: bool
 ) -> int:
     job_id: int = await conn.fetchval(
-        "INSERT INTO herder.jobs (kind, status, ended_at, finish_pending) "
+        "INSERT INTO herder.jobs (kind, status, ended_at) "
         "VALUES ('synthetic', $1, CASE WHEN $1 IN ('SUCCESS', 'WARNING', 'FAILURE', 'CANCELED') "
-        "THEN clock_timestamp() - make_interval(days => $2) END, $3) RETURNING id",
+        "THEN clock_timestamp() - make_interval(days => $2) END) RETURNING id",
         status,
         age_days,
-        extra.get("finish_pending", False),
     )
+    if extra.get("hook_pending"):
+        await conn.execute(
+            "INSERT INTO herder.finish_hooks (job_id, status) VALUES ($1, $2)", job_id, status
+        )
     await conn.execute(
         "INSERT INTO herder.tasks (job_id, seq, status) SELECT $1, i, 'SUCCESS' "
         "FROM generate_series(1, $2) i",
@@ -42,7 +45,7 @@ async def test_prune_deletes_only_old_finished_jobs_in_batches(
     keep = [
         await make_job(conn, "SUCCESS", 10, 5),  # recent
         await make_job(conn, "IN_PROGRESS", 40, 5),  # not finished (no ended_at)
-        await make_job(conn, "WARNING", 40, 5, finish_pending=True),  # hook not run yet
+        await make_job(conn, "WARNING", 40, 5, hook_pending=True),  # hook not run yet
     ]
     jobs, tasks = await store.prune(30 * DAY, jobs_per_batch=2, tasks_per_batch=50)
     assert (jobs, tasks) == (3, 360)

@@ -51,6 +51,7 @@ async def test_migrate_creates_the_roles_nologin(conn: db.Connection) -> None:
     assert [tuple(r) for r in rows] == [
         ("herder_submitter", False),
         ("herder_urgent", False),
+        ("herder_verifier", False),
         ("herder_worker", False),
     ]
 
@@ -83,9 +84,7 @@ async def test_a_submitter_sees_and_controls_only_its_own_jobs(
         await conn.fetchval("SELECT status FROM herder.jobs WHERE id = $1", theirs) == "PREPARING"
     )
     assert await alice.fetchval("SELECT herder.cancel_job($1)", mine) is True
-    assert (
-        await conn.fetchval("SELECT status FROM herder.tasks WHERE job_id = $1", mine) == "CANCELED"
-    )
+    assert await conn.fetchval("SELECT status FROM herder.jobs WHERE id = $1", mine) == "CANCELING"
 
 
 @pytest.mark.parametrize(
@@ -123,12 +122,19 @@ async def test_a_submitter_cannot_write_what_it_must_not(
         await alice.execute(statement)
 
 
-async def test_unverified_is_an_allowed_initial_status(login: Login) -> None:
+async def test_unverified_is_an_allowed_initial_status_and_only_a_verifier_lifts_it(
+    login: Login,
+) -> None:
     _, alice = await login("herder_submitter")
+    _, vera = await login("herder_verifier")
     held = await alice.fetchval(
         "INSERT INTO herder.jobs (kind, status) VALUES ('synthetic', 'UNVERIFIED') RETURNING id"
     )
-    assert await alice.fetchval("SELECT herder.verify_job($1)", held) is True
+    assert await alice.fetchval("SELECT herder.verify_job($1)", held) is False
+    assert await vera.fetchval("SELECT herder.verify_job($1)", held) is True
+    assert await alice.fetchval("SELECT status FROM herder.jobs WHERE id = $1", held) == (
+        "PREPARING"
+    )
 
 
 async def test_priority_above_the_cap_needs_herder_urgent(login: Login) -> None:
@@ -157,7 +163,10 @@ async def test_a_job_over_the_task_limit_fails_naming_it(db_url: str, conn: db.C
         too_big = await wait_finished(conn, await submit(conn, "synthetic", {"tasks": 101}))
         fine = await wait_finished(conn, await submit(conn, "synthetic", {"tasks": 100}))
     assert too_big["status"] == "FAILURE"
-    assert "more than 100 tasks (herder.settings max_tasks_per_job)" in too_big["message"]
+    assert (
+        "asks for 101 tasks; the limit is 100 (herder.settings max_tasks_per_job)"
+        in (too_big["message"])
+    )
     assert fine["status"] == "SUCCESS"
     assert (
         await conn.fetchval("SELECT count(*) FROM herder.tasks WHERE job_id = $1", too_big["id"])

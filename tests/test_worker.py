@@ -217,10 +217,7 @@ async def test_cancel_reaches_running_tasks_within_a_second(
         )
         assert await conn.fetchval("SELECT herder.cancel_job($1)", job_id) is True
         assert (await job_row(conn, job_id))["status"] == "CANCELING"
-        pending_left = await conn.fetchval(
-            "SELECT count(*) FROM herder.tasks WHERE job_id = $1 AND status = 'PENDING'", job_id
-        )
-        assert pending_left == 0  # pending tasks were canceled by cancel_job itself
+        # cancel_job marks the job only; the daemons cancel what runs and what waits.
         job = await wait_finished(conn, job_id, timeout=1.0)
     assert job["status"] == "CANCELED"
     assert len(cancelled) == 4
@@ -263,7 +260,7 @@ async def test_stale_outcomes_are_fenced_out(store: Store, conn: db.Connection) 
     [first] = await store.claim_tasks(10, "worker-a", 0.05)
     assert first.attempts == 1
     # worker-a's lease runs out; the rescue hands the task back and worker-b claims it.
-    await wait_for(store.rescue_expired_tasks, what="the lease to expire")
+    await wait_for(lambda: store.rescue_expired_tasks("sweeper"), what="the lease to expire")
     [second] = await store.claim_tasks(10, "worker-b", 30)
     assert (second.id, second.attempts) == (first.id, 2)
     late = Outcome(first.id, job_id, first.attempts, "SUCCESS", result_json='{"from": "a"}')

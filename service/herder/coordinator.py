@@ -7,6 +7,7 @@ and the job becomes PENDING in the transaction that writes the last batch.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from collections.abc import AsyncIterator
@@ -18,10 +19,19 @@ import asyncpg
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from herder.db import encode_json
-from herder.kinds import InvalidPayload, JobContext, Kind, get_kind, known_kinds
+from herder.db import Undecodable, encode_json
+from herder.kinds import (
+    KIND_CODE_ERRORS,
+    InvalidPayload,
+    JobContext,
+    Kind,
+    describe,
+    get_kind,
+    known_kinds,
+    message_of,
+)
 from herder.metrics import Metrics
-from herder.resilience import TRANSIENT
+from herder.resilience import TRANSIENT, keep_renewing
 from herder.signals import Wakeup
 from herder.store import PreparationClaim, Store
 
@@ -50,21 +60,28 @@ class Coordinator:
         self.flush_seconds = flush_seconds
         self.wakeup = Wakeup()
         self._slots = anyio.Semaphore(max_preparations)
-        self._scopes: dict[int, anyio.CancelScope] = {}
+        #: Preparations this daemon holds, by (job id, generation): a job canceled and
+        #: resumed while its old preparation winds down is held twice, under two keys.
+        self._held: dict[tuple[int, int], PreparationClaim] = {}
+        self._scopes: dict[tuple[int, int], anyio.CancelScope] = {}
         self._stopping = False
 
     @property
-    def preparing(self) -> list[int]:
-        return list(self._scopes)
+    def preparing(self) -> list[tuple[int, int]]:
+        """(job id, generation) of every preparation this daemon holds."""
+        return list(self._held)
 
-    def stop_job(self, job_id: int) -> None:
-        """Stop preparing ``job_id`` now (it was canceled or restarted)."""
-        scope = self._scopes.get(job_id)
-        if scope is not None:
-            scope.cancel()
+    def stop_preparations(self, keys: set[tuple[int, int]]) -> None:
+        """Stop these preparations now: the database says they are no longer ours
+        (canceled, restarted, deleted or taken over)."""
+        for key in keys:
+            scope = self._scopes.get(key)
+            if scope is not None:
+                scope.cancel()
 
     async def run(self) -> None:
         async with anyio.create_task_group() as tg:
+            tg.start_soon(keep_renewing, "preparation leases", self._renew, self.lease / 3)
             while not self._stopping:
                 await self._slots.acquire()
                 try:
@@ -76,27 +93,68 @@ class Coordinator:
                     self._slots.release()
                     await self.wakeup.wait(self.poll_interval)
                     continue
-                self._scopes[job.id] = anyio.CancelScope()
+                self._held[job.key] = job
+                self._scopes[job.key] = anyio.CancelScope()
                 tg.start_soon(self._prepare_in_slot, job)
+            tg.cancel_scope.cancel()
+
+    async def _renew(self) -> bool:
+        # One not renewed was lost (the daemon's check stops it) or has just ended:
+        # nothing to try again.
+        await self.store.renew_preparations(list(self._held), self.name, self.lease)
+        return True
 
     async def stop(self) -> None:
         """Stop claiming, interrupt preparations and hand them back for another daemon."""
         self._stopping = True
-        for job_id in list(self._scopes):
-            self.stop_job(job_id)
-            with anyio.CancelScope(shield=True):
-                await self.store.release_preparation(job_id, self.name)
+        self.wakeup.set()
+        for key, job in list(self._held.items()):
+            self.stop_preparations({key})
+            await self._hand_back(job, timeout=5)
 
     async def _prepare_in_slot(self, job: PreparationClaim) -> None:
+        bound = log.bind(job_id=job.id, kind=job.kind, generation=job.generation)
         try:
-            with self._scopes[job.id]:
-                await self._prepare(job)
+            with self._scopes[job.key]:
+                await self._prepare(job, bound)
+        except TRANSIENT as exc:
+            # The database is away: the job stays ours until the lease runs out (or we
+            # hand it back), then any daemon resumes it where it stopped.
+            bound.warning("preparation interrupted: database unreachable", error=str(exc))
+            await self._hand_back(job, timeout=2)
+        except Exception as exc:
+            # Not the kind's code (that fails the job in _prepare) but herder's own, or
+            # the database refusing what herder wrote: the job fails with the reason, and
+            # the daemon serves on.
+            bound.exception("preparation failed unexpectedly")
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                try:
+                    await self._fail(
+                        job, f"herder could not prepare the job: {describe(exc)}", bound
+                    )
+                except Exception:
+                    bound.exception("could not record the failure; the lease will run out")
         finally:
-            del self._scopes[job.id]
+            del self._scopes[job.key]
+            del self._held[job.key]
             self._slots.release()
 
-    async def _prepare(self, job: PreparationClaim) -> None:
-        bound = log.bind(job_id=job.id, kind=job.kind)
+    async def _hand_back(self, job: PreparationClaim, *, timeout: float) -> None:
+        """Release a preparation for another claim; if the database does not answer,
+        its lease runs out instead."""
+        with anyio.CancelScope(shield=True), anyio.move_on_after(timeout):
+            try:
+                await self.store.release_preparation(job, self.name)
+            except TRANSIENT as exc:
+                log.warning("could not hand back a preparation", job_id=job.id, error=str(exc))
+
+    async def _prepare(self, job: PreparationClaim, bound: Any) -> None:
+        if job.stale_tasks:
+            # A restarted job: its earlier run's tasks go first, in batches.
+            await self.store.discard_stale_tasks(job.id)
+        if isinstance(job.payload, Undecodable):
+            await self._fail(job, f"payload cannot be decoded: {job.payload.error}", bound)
+            return
         kind = get_kind(job.kind)
         if kind is None:
             message = f"unknown kind {job.kind!r} (this daemon knows: {', '.join(known_kinds())})"
@@ -109,6 +167,7 @@ class Coordinator:
             priority=job.priority,
             owner=job.owner,
             resume_from=job.prepared,
+            max_tasks=job.max_tasks,
             pool=self.store.app_pool,
         )
         bound.info("preparing", resume_from=job.prepared)
@@ -118,15 +177,15 @@ class Coordinator:
         except _PrepareRaised as raised:
             exc = raised.__cause__
             bound.error("prepare raised", exc_info=exc)
-            await self._fail(job, f"prepare failed: {type(exc).__name__}: {exc}", bound)
+            await self._fail(job, f"prepare failed: {describe(exc)}", bound)
             return
         except InvalidPayload as exc:  # from prepare, or a payload that is not JSON
-            await self._fail(job, f"invalid payload: {exc}", bound)
+            await self._fail(job, f"invalid payload: {message_of(exc)}", bound)
             return
         except asyncpg.PostgresError as exc:
             if isinstance(exc, TRANSIENT):
-                raise  # the database is away: the job stays ours until the lease runs out
-            # A limit (max_tasks_per_job) or a payload PostgreSQL cannot store (\u0000).
+                raise
+            # A limit (max_tasks_per_job) or a payload PostgreSQL cannot store.
             await self._fail(job, f"the database refused the job's tasks: {exc}", bound)
             return
         if total is None:
@@ -140,7 +199,8 @@ class Coordinator:
         self, job: PreparationClaim, message: str, bound: Any, *, run_hook: bool = True
     ) -> None:
         bound.warning("job failed", reason=message)
-        await self.store.fail_preparation(job, message, run_hook=run_hook)
+        if await self.store.fail_preparation(job, self.name, message, run_hook=run_hook):
+            await self.store.discard_stale_tasks(job.id)
 
     async def _write_tasks(
         self, job: PreparationClaim, kind: Kind, context: JobContext
@@ -181,24 +241,27 @@ class Coordinator:
         rows: list[tuple[int, int, bytes]] = []
         last_flush = time.monotonic()
         previous: anyio.Event | None = None
-        payloads = kind.prepare_fn(context)
-        try:
-            async for payload in _kind_code(payloads):
-                if to_skip:
-                    to_skip -= 1
-                    continue
-                rows.append((job.id, seq, _encoded(payload, seq)))
-                seq += 1
-                if len(rows) >= self.batch_size or (
-                    time.monotonic() - last_flush >= self.flush_seconds
-                ):
-                    batch = _Batch(rows, seq - len(rows), last=False, previous=previous)
-                    await batches.send(batch)
-                    previous = batch.through
-                    rows = []
-                    last_flush = time.monotonic()
-        finally:
-            await payloads.aclose()  # type: ignore[attr-defined]
+        async for payload in _kind_code(kind, context):
+            if to_skip:
+                to_skip -= 1
+                continue
+            if seq >= context.max_tasks:
+                # Limits before work: stop at the first task past the limit, not after
+                # the database has taken millions of rows.
+                raise InvalidPayload(
+                    f"the job has more than {context.max_tasks} tasks "
+                    "(herder.settings max_tasks_per_job)"
+                )
+            rows.append((job.id, seq, _encoded(payload, seq)))
+            seq += 1
+            if len(rows) >= self.batch_size or (
+                time.monotonic() - last_flush >= self.flush_seconds
+            ):
+                batch = _Batch(rows, seq - len(rows), last=False, previous=previous)
+                await batches.send(batch)
+                previous = batch.through
+                rows = []
+                last_flush = time.monotonic()
         await batches.send(_Batch(rows, seq - len(rows), last=True, previous=previous))
         return seq
 
@@ -274,24 +337,39 @@ class _PrepareRaised(Exception):
     (InvalidPayload passes through unwrapped: its message is the job's message.)"""
 
 
-async def _kind_code(payloads: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    while True:
-        try:
-            payload = await anext(payloads)
-        except StopAsyncIteration:
-            return
-        except InvalidPayload:
-            raise
-        except Exception as exc:
-            raise _PrepareRaised from exc
-        yield payload
+async def _kind_code(kind: Kind, context: JobContext) -> AsyncIterator[Any]:
+    """The kind's prepare, with everything it raises (SystemExit and the like included)
+    wrapped in _PrepareRaised: the kind's code fails its job, never the daemon."""
+    try:
+        payloads = kind.prepare_fn(context)
+        iterator = aiter(payloads)
+    except InvalidPayload:
+        raise
+    except KIND_CODE_ERRORS as exc:
+        raise _PrepareRaised from exc
+    try:
+        while True:
+            try:
+                payload = await anext(iterator)
+            except StopAsyncIteration:
+                return
+            except InvalidPayload:
+                raise
+            except KIND_CODE_ERRORS as exc:
+                raise _PrepareRaised from exc
+            yield payload
+    finally:
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(*KIND_CODE_ERRORS):
+                await aclose()
 
 
 def _encoded(payload: Any, seq: int) -> bytes:
     """Serialise once: this both validates the payload and is what COPY sends."""
     try:
         return encode_json(payload)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise InvalidPayload(
             f"prepare yielded a task payload that is not JSON (task {seq}): {exc}"
         ) from exc

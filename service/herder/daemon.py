@@ -4,7 +4,6 @@ one task group, and shuts them down in order."""
 from __future__ import annotations
 
 import os
-import random
 import secrets
 import signal
 import socket
@@ -20,18 +19,16 @@ from herder import db
 from herder.coordinator import Coordinator
 from herder.health import HealthServer
 from herder.hooks import HookRunner
-from herder.kinds import load_app
+from herder.kinds import check_kinds, load_app
 from herder.listener import Listener
+from herder.maintenance import Maintenance
 from herder.metrics import Metrics
 from herder.resilience import TRANSIENT, supervise
-from herder.signals import Wakeup
 from herder.store import Store
 from herder.systemd import Notifier, status_line
 from herder.worker import Worker
 
 log = structlog.get_logger("herder.daemon")
-
-PRUNE_INTERVAL = 600.0
 
 
 @dataclass
@@ -56,22 +53,28 @@ class Daemon:
         self.name = config.name or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         for module in config.apps:
             load_app(module)
-        self.database_ok = False
+        check_kinds()
+        self._connected = False
         self.started_at = time.monotonic()
         self.metrics = Metrics()
         self._stop = anyio.Event()
-        self._cancel_checks: list[int] = []
-        self._sweep_now = Wakeup()
         self.store: Store
         self.worker: Worker
         self.coordinator: Coordinator
         self.hooks: HookRunner
+        self.maintenance: Maintenance
         self.listener: Listener | None = None
         self.health = HealthServer(self)
         self.systemd = Notifier.from_environment()
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    @property
+    def database_ok(self) -> bool:
+        """Connected, and the last sweep reached the database."""
+        maintenance = getattr(self, "maintenance", None)  # set once run() connected
+        return self._connected and (maintenance is None or maintenance.database_ok)
 
     @property
     def stopping(self) -> bool:
@@ -96,7 +99,7 @@ class Daemon:
         app_pool = await _create_pool_when_reachable(
             cfg.database_url, min_size=0, max_size=cfg.concurrency, reset=True
         )
-        self.database_ok = True
+        self._connected = True
         try:
             self.store = Store(pool, app_pool)
             self.worker = Worker(
@@ -117,7 +120,18 @@ class Daemon:
             )
             self.metrics.running.set_function(lambda: self.worker.running_count)
             self.hooks = HookRunner(
-                self.store, lease=cfg.lease_seconds, poll_interval=cfg.poll_interval
+                self.store, self.name, lease=cfg.lease_seconds, poll_interval=cfg.poll_interval
+            )
+            self.maintenance = Maintenance(
+                self.store,
+                self.name,
+                worker=self.worker,
+                coordinator=self.coordinator,
+                metrics=self.metrics,
+                poll_interval=cfg.poll_interval,
+                lease=cfg.lease_seconds,
+                retention=cfg.retention_seconds,
+                wake_all=self._wake_all,
             )
             async with anyio.create_task_group() as tg:
                 if handle_signals:
@@ -125,13 +139,12 @@ class Daemon:
                 await tg.start(self.health.run)
                 if cfg.listen:
                     self.listener = Listener(cfg.database_url, self._on_notify, self._wake_all)
-                    tg.start_soon(self.listener.run)
+                    tg.start_soon(supervise, "listener", self.listener.run)
                 tg.start_soon(supervise, "coordinator", self.coordinator.run)
                 tg.start_soon(supervise, "hooks", self.hooks.run)
-                tg.start_soon(self._heartbeat)
-                tg.start_soon(self._sweep)
+                tg.start_soon(supervise, "sweep", self.maintenance.run_sweep)
                 if cfg.retention_seconds > 0:
-                    tg.start_soon(self._prune)
+                    tg.start_soon(supervise, "retention", self.maintenance.run_prune)
                 await tg.start(self.worker.run)
                 log.info(
                     "serving",
@@ -165,77 +178,18 @@ class Daemon:
         self.coordinator.wakeup.set()
         self.hooks.wakeup.set()
 
-    def _on_notify(self, channel: str, payload: str) -> None:
+    def _on_notify(self, channel: str, _payload: str) -> None:
+        """Wake the loop concerned. A notification carries no authority: anyone may send
+        one, with any payload, so none is read; the loops ask the database."""
         if channel == "herder_tasks":
             self.worker.wakeup.set()
         elif channel == "herder_jobs":
             self.coordinator.wakeup.set()
+            self.maintenance.look_soon()  # a resume or retry to carry out
         elif channel == "herder_job_finished":
             self.hooks.wakeup.set()
-        elif channel == "herder_cancel" and payload.isdigit():
-            job_id = int(payload)
-            self.coordinator.stop_job(job_id)
-            self._cancel_checks.append(job_id)
-            self._sweep_now.set()
-
-    # ------------------------------------------------------------ periodic work
-
-    async def _sweep(self) -> None:
-        """The safety net under every notification: each poll interval (or at once when
-        a cancel arrives) stop tasks of canceled jobs, rescue tasks whose worker died,
-        settle jobs nobody settled, and wake every loop. It runs at least four times per
-        lease, so a dead worker's tasks come back within about one lease whatever the
-        poll interval."""
-        interval = min(self.config.poll_interval, self.config.lease_seconds / 4)
-        while True:
-            try:
-                await self._sweep_once()
-                self.database_ok = True
-            except TRANSIENT as exc:
-                self.database_ok = False
-                log.warning("sweep failed: database unreachable", error=str(exc))
-            await self._sweep_now.wait(interval)
-
-    async def _sweep_once(self) -> None:
-        checks, self._cancel_checks = self._cancel_checks, []
-        held_jobs = self.worker.held_job_ids
-        stopped = await self.store.jobs_not_running(held_jobs | set(checks))
-        if stopped & held_jobs:
-            self.worker.stop_jobs(stopped & held_jobs)
-        for task_id, job_id, status in await self.store.rescue_expired_tasks():
-            self.metrics.tasks_rescued.inc()
-            log.warning("rescued task of a lost worker", task_id=task_id, job_id=job_id, now=status)
-        self.metrics.settled(await self.store.settle(None))
-        self._wake_all()
-
-    async def _prune(self) -> None:
-        """Retention: every PRUNE_INTERVAL (first at a random moment, so a fleet started
-        together does not prune together), delete finished jobs past the retention in
-        small batches."""
-        await anyio.sleep(random.uniform(10, 60))
-        while True:
-            try:
-                jobs, tasks = await self.store.prune(self.config.retention_seconds)
-                if jobs:
-                    log.info("pruned finished jobs", jobs=jobs, tasks=tasks)
-            except TRANSIENT as exc:
-                log.warning("prune failed: database unreachable", error=str(exc))
-            await anyio.sleep(PRUNE_INTERVAL * random.uniform(0.9, 1.1))
-
-    async def _heartbeat(self) -> None:
-        """Renew the leases of everything this daemon holds, one statement each."""
-        interval = self.config.lease_seconds / 3
-        while True:
-            await anyio.sleep(interval)
-            try:
-                await self.store.renew_task_leases(
-                    self.worker.held_task_ids, self.name, self.config.lease_seconds
-                )
-                await self.store.renew_preparations(
-                    self.coordinator.preparing, self.name, self.config.lease_seconds
-                )
-            except TRANSIENT as exc:
-                log.warning("heartbeat failed", error=str(exc))
+        elif channel == "herder_cancel":
+            self.maintenance.look_soon()
 
 
 async def _create_pool_when_reachable(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import asyncpg
@@ -27,23 +28,62 @@ else:
     PoolConnection = asyncpg.pool.PoolConnectionProxy
 
 
+class NotStorable(ValueError):
+    """JSON that PostgreSQL's jsonb refuses: a NUL character or a lone surrogate."""
+
+
 def encode_json(value: Any) -> bytes:
-    """JSON text as herder writes it (UTF-8); raises TypeError/ValueError for what is not
-    JSON. orjson is ten times faster than the standard library here, which matters for a
+    """JSON text as herder writes it (UTF-8). Raises TypeError or ValueError for what is
+    not JSON, and NotStorable (a ValueError) for JSON that jsonb cannot store.
+
+    orjson is ten times faster than the standard library here, which matters for a
     million task payloads; where the two disagree, the standard library's answer is kept.
     """
     try:
-        text = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
-    except TypeError:
-        # orjson refuses integers beyond 64 bits, which JSON allows: let the standard
-        # library decide (it raises for what truly is not JSON).
-        return json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
-    if b"null" in text:
-        # orjson writes NaN and infinities as null; JSON has no such numbers.
-        json.dumps(value, allow_nan=False)
-    # orjson hands back its whole working buffer (4 KiB for a small document): a batch of
-    # payloads kept for COPY would take 40 MB. A copy is sized to fit.
-    return memoryview(text).tobytes()
+        try:
+            text = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+        except TypeError:
+            # orjson refuses integers beyond 64 bits, which JSON allows, and strings with
+            # lone surrogates: let the standard library decide (it raises for what truly
+            # is not JSON, and UTF-8 cannot encode a lone surrogate).
+            text = json.dumps(
+                value, separators=(",", ":"), allow_nan=False, ensure_ascii=False
+            ).encode()
+        else:
+            if b"null" in text:
+                # orjson writes NaN and infinities as null; JSON has no such numbers.
+                json.dumps(value, allow_nan=False)
+            # orjson hands back its whole working buffer (4 KiB for a small document): a
+            # batch of payloads kept for COPY would take 40 MB. A copy is sized to fit.
+            text = memoryview(text).tobytes()
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except UnicodeEncodeError as exc:
+        raise NotStorable(f"a string holds a lone surrogate ({exc.reason})") from None
+    if b"u0000" in text and _NUL_ESCAPE.search(text):
+        raise NotStorable("a string holds a NUL character (\\u0000)")
+    return text
+
+
+# \u0000 preceded by an even number of backslashes: an escaped NUL, not the text "\u0000".
+_NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def storable_text(text: str, limit: int) -> str:
+    """``text`` as PostgreSQL's text type takes it: NUL characters and lone surrogates
+    become U+FFFD, and text longer than ``limit`` characters is cut, with a marker."""
+    if len(text) > limit:
+        text = f"{text[:limit]}… [truncated {len(text) - limit} characters]"
+    if "\x00" in text:
+        text = text.replace("\x00", "\ufffd")
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        text = _SURROGATE.sub("\ufffd", text)
+    return text
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def dumps(value: Any) -> str:
@@ -56,6 +96,19 @@ def dumps(value: Any) -> str:
 # already encoded by encode_json (JSON has no bytes type of its own), sent as it is.
 def _encode_jsonb(value: Any) -> bytes:
     return b"\x01" + (value if isinstance(value, bytes) else encode_json(value))
+
+
+@dataclass(frozen=True, slots=True)
+class Undecodable:
+    """What a jsonb value decodes to when Python cannot represent it (an integer of more
+    than 4,300 digits, which jsonb keeps for ``1e5000``; nesting deeper than Python's
+    recursion limit). The reader decides: a job payload fails its job, a task payload its
+    task. Decoding never raises, so one value cannot fail a whole claim."""
+
+    error: str
+
+    def __str__(self) -> str:
+        return f"<undecodable JSON: {self.error}>"
 
 
 def decode_json(text: bytes | memoryview) -> Any:
@@ -77,11 +130,21 @@ _LONG_NUMBER = re.compile(rb"\d{19}")
 
 
 def _decode_jsonb(data: bytes) -> Any:
-    return decode_json(memoryview(data)[1:])
+    try:
+        return decode_json(memoryview(data)[1:])
+    except (ValueError, RecursionError) as exc:
+        return Undecodable(f"{type(exc).__name__}: {exc}"[:500])
+
+
+def _decode_json_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        return Undecodable(f"{type(exc).__name__}: {exc}"[:500])
 
 
 async def _init_connection(conn: Connection) -> None:
-    await conn.set_type_codec("json", encoder=dumps, decoder=json.loads, schema="pg_catalog")
+    await conn.set_type_codec("json", encoder=dumps, decoder=_decode_json_text, schema="pg_catalog")
     await conn.set_type_codec(
         "jsonb",
         encoder=_encode_jsonb,

@@ -142,7 +142,7 @@ class ScrapeCollector(Collector):
             held = GaugeMetricFamily(
                 "herder_tasks_held", "Tasks this daemon has claimed: running or prefetched"
             )
-            held.add_metric([], len(worker.held_task_ids))
+            held.add_metric([], len(worker.held))
             yield held
         coordinator = getattr(daemon, "coordinator", None)
         if coordinator is not None:
@@ -253,7 +253,7 @@ class HealthServer:
             "listener": listening,
             "event_loop_lag_seconds": round(lag, 4),
             "running_tasks": daemon.worker.running_count,
-            "held_tasks": len(daemon.worker.held_task_ids),
+            "held_tasks": len(daemon.worker.held),
             "preparing_jobs": len(daemon.coordinator.preparing),
             "name": daemon.name,
             "uptime_seconds": round(time.monotonic() - daemon.started_at, 3),

@@ -39,7 +39,13 @@ def is_transient(exc: BaseException) -> bool:
 
 
 async def supervise(name: str, loop: Callable[[], Awaitable[None]]) -> None:
-    """Run ``loop``; on a transient error, back off with jitter and run it again."""
+    """Run ``loop``; when it raises, back off with jitter and run it again.
+
+    A transient error is the database being away. Anything else is a bug or something no
+    one foresaw: it is logged with its traceback, and the loop starts again all the same,
+    because a daemon exits only on SIGTERM/SIGINT (contract 3.9); the backoff keeps a
+    loop that fails at once from spinning.
+    """
     delay = 0.05
     while True:
         started = time.monotonic()
@@ -47,15 +53,30 @@ async def supervise(name: str, loop: Callable[[], Awaitable[None]]) -> None:
             await loop()
             return
         except Exception as exc:
-            if not is_transient(exc):
-                raise
             first: BaseException = exc
             while isinstance(first, BaseExceptionGroup):
                 first = first.exceptions[0]
             if time.monotonic() - started > 30:
                 delay = 0.05
-            log.warning(
-                "database error; retrying", loop=name, error=f"{type(first).__name__}: {first}"
-            )
+            error = f"{type(first).__name__}: {first}"
+            if is_transient(exc):
+                log.warning("database error; retrying", loop=name, error=error)
+            else:
+                log.error("unexpected error; restarting", loop=name, error=error, exc_info=exc)
             await anyio.sleep(delay * random.uniform(0.5, 1.5))
             delay = min(delay * 2, 5.0)
+
+
+async def keep_renewing(name: str, renew: Callable[[], Awaitable[bool]], interval: float) -> None:
+    """Call ``renew`` every ``interval`` seconds while the caller's work runs. When it
+    fails, or answers False (something was not renewed and may be next time), try again
+    soon: a lease must survive a few seconds of trouble, not only the next interval."""
+    retry = max(0.05, min(1.0, interval / 3))
+    wait = interval
+    while True:
+        await anyio.sleep(wait)
+        try:
+            wait = interval if await renew() else retry
+        except Exception as exc:
+            log.warning("lease renewal failed; retrying", leases=name, error=str(exc))
+            wait = retry

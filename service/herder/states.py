@@ -71,9 +71,10 @@ JOB_TRANSITIONS: dict[tuple[JobStatus, Event], frozenset[JobStatus]] = {
     (J.IN_PROGRESS, Event.CANCEL): frozenset({J.CANCELING}),
     (J.IN_PROGRESS, Event.SETTLE): frozenset({J.SUCCESS, J.WARNING, J.FAILURE, J.CANCELED}),
     (J.CANCELING, Event.SETTLE): frozenset({J.CANCELED}),
-    (J.CANCELED, Event.RESUME): frozenset({J.PENDING, J.PREPARING}),
+    # A job never verified goes back to UNVERIFIED: only verify_job lets it further.
+    (J.CANCELED, Event.RESUME): frozenset({J.PENDING, J.PREPARING, J.UNVERIFIED}),
     (J.FAILURE, Event.RETRY): frozenset({J.PENDING, J.PREPARING}),
-    **{(s, Event.RESTART): frozenset({J.PREPARING}) for s in JOB_FINISHED},
+    **{(s, Event.RESTART): frozenset({J.PREPARING, J.UNVERIFIED}) for s in JOB_FINISHED},
 }
 
 

@@ -11,9 +11,20 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from herder.db import Pool
+from herder.db import Pool, storable_text
 from herder.sql import QUERIES as Q
 from herder.states import JOB_HOOKED, JobStatus, Settlement, TaskCounts, settle
+
+CONTROL_ACTIONS = ("cancel", "resume", "retry", "restart", "verify")
+COPY_THRESHOLD = 1000
+#: Rows one statement of a batched control touches: small enough that no statement holds
+#: locks for long, big enough that a million-task job takes a few hundred statements.
+CANCEL_BATCH = 5000
+REOPEN_WINDOW = 5000
+DISCARD_BATCH = 5000
+#: Characters kept of a task's or job's message, and of a traceback.
+MESSAGE_LIMIT = 10_000
+TRACEBACK_LIMIT = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,8 +34,17 @@ class PreparationClaim:
     payload: Any
     priority: int
     owner: str
+    #: Names this preparation attempt: every write it makes is fenced by it.
     generation: int
     prepared: int
+    #: Tasks of an earlier run still to delete before this preparation writes any.
+    stale_tasks: int
+    #: herder.settings max_tasks_per_job when the job was claimed.
+    max_tasks: int
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.id, self.generation)
 
 
 @dataclass(slots=True)
@@ -40,6 +60,12 @@ class ClaimedTask:
     job_status: str
     #: Its job was canceled or restarted while the task waited in the local queue.
     stopped: bool = False
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """(task id, attempt): one attempt of the task. A task rescued and claimed again
+        by the same daemon is a different attempt, held separately."""
+        return (self.id, self.attempts)
 
 
 @dataclass(slots=True)
@@ -60,6 +86,10 @@ class Outcome:
     seconds: float = 0.0
 
     @property
+    def key(self) -> tuple[int, int]:
+        return (self.task_id, self.attempt)
+
+    @property
     def is_plain_success(self) -> bool:
         return (
             self.status == "SUCCESS"
@@ -78,6 +108,10 @@ class SettledJob:
 
 @dataclass(frozen=True, slots=True)
 class FinishHookClaim:
+    """One run of an on_finished hook: (hook_id, attempts) fences it."""
+
+    hook_id: int
+    attempts: int
     id: int
     kind: str
     payload: Any
@@ -173,19 +207,55 @@ class Store:
         return True
 
     async def fail_preparation(
-        self, job: PreparationClaim, message: str, *, run_hook: bool
+        self, job: PreparationClaim, preparer: str, message: str, *, run_hook: bool
     ) -> bool:
-        status = await self.pool.execute(
-            Q["fail_preparation"], job.id, job.generation, message, run_hook
+        """Fail the job, if this preparation still holds it; True when it applied."""
+        row = await self.pool.fetchrow(
+            Q["fail_preparation"],
+            job.id,
+            job.generation,
+            preparer,
+            storable_text(message, MESSAGE_LIMIT),
+            run_hook,
         )
-        return status != "SELECT 0"
+        return row is not None
 
-    async def release_preparation(self, job_id: int, preparer: str) -> None:
-        await self.pool.execute(Q["release_preparation"], job_id, preparer)
+    async def discard_stale_tasks(self, job_id: int, batch: int = DISCARD_BATCH) -> int:
+        """Delete an earlier run's tasks of ``job_id``, one window of seqs per statement;
+        returns how many windows this call deleted."""
+        windows = 0
+        while True:
+            stale = await self.pool.fetchval(Q["stale_tasks"], job_id)
+            if not stale:
+                return windows
+            if await self.pool.fetchval(Q["discard_stale_batch"], job_id, stale, batch) is not None:
+                windows += 1
 
-    async def renew_preparations(self, job_ids: list[int], preparer: str, lease: float) -> None:
-        if job_ids:
-            await self.pool.execute(Q["renew_preparations"], job_ids, preparer, lease)
+    async def stale_jobs(self, limit: int = 100) -> list[int]:
+        return [r["id"] for r in await self.pool.fetch(Q["stale_jobs"], limit)]
+
+    async def release_preparation(self, job: PreparationClaim, preparer: str) -> None:
+        await self.pool.execute(Q["release_preparation"], job.id, job.generation, preparer)
+
+    async def renew_preparations(
+        self, held: Iterable[tuple[int, int]], preparer: str, lease: float
+    ) -> set[tuple[int, int]]:
+        """Renew (job id, generation) leases; return those renewed."""
+        ids, generations = _columns(held)
+        if not ids:
+            return set()
+        rows = await self.pool.fetch(Q["renew_preparations"], ids, generations, preparer, lease)
+        return {(r["id"], r["generation"]) for r in rows}
+
+    async def preparations_lost(
+        self, held: Iterable[tuple[int, int]], preparer: str
+    ) -> set[tuple[int, int]]:
+        """Of the (job id, generation) held, those this preparer must stop."""
+        ids, generations = _columns(held)
+        if not ids:
+            return set()
+        rows = await self.pool.fetch(Q["preparations_lost"], ids, generations, preparer)
+        return {(r["id"], r["generation"]) for r in rows}
 
     # ------------------------------------------------------------ tasks
 
@@ -211,7 +281,8 @@ class Store:
         return [r["latency"] for r in await self.pool.fetch(Q["start_jobs"], job_ids)]
 
     async def complete_tasks(self, outcomes: Sequence[Outcome]) -> list[tuple[int, int]]:
-        """Write outcomes, many per statement; return the (task_id, job_id) that applied."""
+        """Write outcomes, many per statement; return the (task_id, job_id) that applied.
+        Messages and tracebacks are made storable here (NULs, lone surrogates, length)."""
         plain = [o for o in outcomes if o.is_plain_success]
         detailed = [o for o in outcomes if not o.is_plain_success]
         rows = []
@@ -225,9 +296,9 @@ class Store:
                 [o.task_id for o in detailed],
                 [o.attempt for o in detailed],
                 [o.status for o in detailed],
-                [o.message for o in detailed],
+                [_storable(o.message, MESSAGE_LIMIT) for o in detailed],
                 [o.result_json for o in detailed],
-                [o.traceback for o in detailed],
+                [_storable(o.traceback, TRACEBACK_LIMIT) for o in detailed],
                 [o.delay for o in detailed],
             )
         return [(r["id"], r["job_id"]) for r in rows]
@@ -242,12 +313,24 @@ class Store:
         )
         return len(rows)
 
-    async def renew_task_leases(self, task_ids: list[int], worker: str, lease: float) -> None:
-        if task_ids:
-            await self.pool.execute(Q["renew_task_leases"], task_ids, worker, lease)
+    async def renew_task_leases(
+        self, held: Iterable[tuple[int, int]], worker: str, lease: float
+    ) -> set[tuple[int, int]]:
+        """Renew the leases of (task id, attempt) pairs; return those renewed."""
+        ids, attempts = _columns(held)
+        if not ids:
+            return set()
+        rows = await self.pool.fetch(Q["renew_task_leases"], ids, attempts, worker, lease)
+        return {(r["id"], r["attempts"]) for r in rows}
 
-    async def rescue_expired_tasks(self) -> list[tuple[int, int, str]]:
-        rows = await self.pool.fetch(Q["rescue_expired_tasks"])
+    async def my_running_tasks(self, worker: str) -> set[tuple[int, int]]:
+        """(task id, attempt) of every task the database says ``worker`` runs."""
+        rows = await self.pool.fetch(Q["my_running_tasks"], worker)
+        return {(r["id"], r["attempts"]) for r in rows}
+
+    async def rescue_expired_tasks(self, rescuer: str) -> list[tuple[int, int, str]]:
+        """Tasks whose lease ran out, other than ``rescuer``'s own."""
+        rows = await self.pool.fetch(Q["rescue_expired_tasks"], rescuer)
         return [(r["id"], r["job_id"], r["status"]) for r in rows]
 
     async def jobs_not_running(self, job_ids: Iterable[int]) -> set[int]:
@@ -268,13 +351,42 @@ class Store:
         ids = None if job_ids is None else sorted(set(job_ids))
         if ids == []:
             return []
-        candidates = [r["id"] for r in await self.pool.fetch(Q["settle_candidates"], ids)]
         settled = []
-        for job_id in candidates:
-            done = await self._settle_one(job_id)
+        for row in await self.pool.fetch(Q["settle_candidates"], ids):
+            if row["status"] == JobStatus.CANCELING:
+                await self.cancel_pending_tasks(row["id"])
+            done = await self._settle_one(row["id"])
             if done is not None:
                 settled.append(done)
         return settled
+
+    async def cancel_pending_tasks(self, job_id: int, batch: int = CANCEL_BATCH) -> int:
+        """Cancel a CANCELING job's pending tasks, a batch per statement."""
+        canceled = 0
+        while True:
+            status = await self.pool.execute(Q["cancel_pending_batch"], job_id, batch)
+            done = int(status.split()[-1])
+            canceled += done
+            if done < batch:
+                return canceled
+
+    async def reopen_tasks(self, window: int = REOPEN_WINDOW, jobs: int = 100) -> int:
+        """Walk every resumed or retried job's tasks back to PENDING, one window of seqs
+        per statement; returns how many tasks were reopened."""
+        reopened = 0
+        for job in await self.pool.fetch(Q["reopening_jobs"], jobs):
+            start = job["reopen_from"]
+            while True:
+                row = await self.pool.fetchrow(
+                    Q["reopen_batch"], job["id"], start, window, job["reopening"]
+                )
+                if row is None:  # another daemon moved the window on, or the job moved
+                    break
+                reopened += row["reopened"]
+                if row["done"]:
+                    break
+                start += window
+        return reopened
 
     async def _settle_one(self, job_id: int) -> SettledJob | None:
         async with self.pool.acquire() as conn, conn.transaction():
@@ -282,8 +394,6 @@ class Store:
             if row is None:
                 return None
             status = JobStatus(row["status"])
-            if status is JobStatus.CANCELING:
-                await conn.execute(Q["cancel_leftover_tasks"], job_id)
             counts = TaskCounts(
                 **{r["status"].lower(): r["n"] for r in await conn.fetch(Q["task_counts"], job_id)}
             )
@@ -299,12 +409,20 @@ class Store:
             )
         return SettledJob(job_id, row["kind"], settlement)
 
-    async def claim_finish_hook(self, kinds: list[str], lease: float) -> FinishHookClaim | None:
-        row = await self.pool.fetchrow(Q["claim_finish_hook"], kinds, lease)
+    async def claim_finish_hook(
+        self, kinds: list[str], lease: float, runner: str
+    ) -> FinishHookClaim | None:
+        row = await self.pool.fetchrow(Q["claim_finish_hook"], kinds, lease, runner)
         return None if row is None else FinishHookClaim(**dict(row))
 
-    async def finish_hook_done(self, job_id: int) -> None:
-        await self.pool.execute(Q["finish_hook_done"], job_id)
+    async def renew_finish_hook(self, hook: FinishHookClaim, runner: str, lease: float) -> bool:
+        row = await self.pool.fetchrow(
+            Q["renew_finish_hook"], hook.hook_id, hook.attempts, runner, lease
+        )
+        return row is not None
+
+    async def finish_hook_done(self, hook: FinishHookClaim) -> None:
+        await self.pool.execute(Q["finish_hook_done"], hook.hook_id, hook.attempts)
 
     # ------------------------------------------------------------ control and reading
 
@@ -344,6 +462,10 @@ class Store:
         return [dict(r) for r in await self.pool.fetch(Q["job_failures"], job_id, limit)]
 
     # ------------------------------------------------------------ health and metrics
+
+    async def max_result_bytes(self) -> int:
+        value: int = await self.pool.fetchval(Q["max_result_bytes"])
+        return value
 
     async def ping(self) -> None:
         await self.pool.fetchval(Q["ping"])
@@ -386,8 +508,18 @@ class Store:
                 return jobs_deleted, tasks_deleted
 
 
-CONTROL_ACTIONS = ("cancel", "resume", "retry", "restart", "verify")
-COPY_THRESHOLD = 1000
+def _storable(text: str | None, limit: int) -> str | None:
+    return None if text is None else storable_text(text, limit)
+
+
+def _columns(pairs: Iterable[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """(id, n) pairs as the two arrays a query unnests."""
+    firsts: list[int] = []
+    seconds: list[int] = []
+    for first, second in pairs:
+        firsts.append(first)
+        seconds.append(second)
+    return firsts, seconds
 
 
 class _NotOurs(Exception):

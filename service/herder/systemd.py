@@ -107,7 +107,7 @@ def status_line(daemon: Daemon) -> str:
     listener = daemon.listener
     parts = [
         f"{running} running",
-        f"{len(daemon.worker.held_task_ids)} held",
+        f"{len(daemon.worker.held)} held",
         f"{len(daemon.coordinator.preparing)} preparing",
         "listener off"
         if listener is None

@@ -10,6 +10,8 @@ leases of everything held.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import time
 import traceback
 from collections import deque
@@ -17,12 +19,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import asyncpg
 import structlog
 
-from herder.db import dumps
-from herder.kinds import Kind, Retry, TaskContext, TaskWarning, get_kind
+from herder.db import NotStorable, Undecodable, encode_json
+from herder.kinds import Kind, Retry, TaskContext, TaskWarning, describe, get_kind, message_of
 from herder.metrics import Metrics
-from herder.resilience import supervise
+from herder.resilience import TRANSIENT, keep_renewing, supervise
 from herder.signals import Wakeup
 from herder.states import TaskStatus
 from herder.store import ClaimedTask, Outcome, Store
@@ -79,20 +82,27 @@ class Worker:
         self._capacity = Wakeup()  # held tasks were written back
         self._work = Wakeup()  # the local queue has tasks
         self._outcomes_ready = Wakeup()
+        self._completer_done = anyio.Event()
         self._idle = Wakeup()  # nothing is running
         self._queue: deque[ClaimedTask] = deque()
-        self._held: dict[int, ClaimedTask] = {}
-        self._running: dict[int, _Slot] = {}  # task id -> the slot running it
+        #: Every claimed attempt not yet written back, by (task id, attempt).
+        self._held: dict[tuple[int, int], ClaimedTask] = {}
+        self._running: dict[tuple[int, int], _Slot] = {}  # the slot running each attempt
         self._outcomes: list[Outcome] = []
         self._flush_lock = anyio.Lock()
         self._claiming = True
         self._executing = True
         self._next_retry_due = float("inf")
+        #: A claim failed: its reply may have been lost after the claim committed.
+        self._claim_in_doubt = False
+        #: herder.settings max_result_bytes (read when the worker starts).
+        self.max_result_bytes = 1 << 20
 
     # ------------------------------------------------------------ introspection
 
     @property
-    def held_task_ids(self) -> list[int]:
+    def held(self) -> list[tuple[int, int]]:
+        """(task id, attempt) of every attempt this worker holds."""
         return list(self._held)
 
     @property
@@ -107,8 +117,8 @@ class Worker:
 
     def stop_jobs(self, job_ids: set[int]) -> None:
         """Cancel the running tasks of jobs that were canceled or restarted."""
-        for task_id, slot in list(self._running.items()):
-            task = self._held.get(task_id)
+        for key, slot in list(self._running.items()):
+            task = self._held.get(key)
             if task is not None and task.job_id in job_ids:
                 slot.reason.append(_JOB_STOPPED)
                 slot.scope.cancel()
@@ -120,15 +130,28 @@ class Worker:
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
+        with contextlib.suppress(*TRANSIENT):
+            self.max_result_bytes = await self.store.max_result_bytes()
         async with anyio.create_task_group() as tg:
             tg.start_soon(supervise, "claimer", self._claimer)
             tg.start_soon(supervise, "completer", self._completer)
+            tg.start_soon(keep_renewing, "task leases", self._renew, self.lease / 3)
             task_status.started()
             async with anyio.create_task_group() as executors:
                 for _ in range(self.concurrency):
                     executors.start_soon(self._executor)
             # Executors are done (shutdown): let the completer drain, then stop.
             self._outcomes_ready.set()
+            await self._completer_done.wait()
+            tg.cancel_scope.cancel()
+
+    async def _renew(self) -> bool:
+        """Renew every held attempt's lease; False when some row was locked and should be
+        tried again soon (a lease must not run out because someone held a lock)."""
+        held = set(self._held)
+        renewed = await self.store.renew_task_leases(held, self.name, self.lease)
+        missed = (held - renewed) & set(self._held)  # not written back meanwhile
+        return not missed
 
     async def shutdown(self, timeout: float) -> None:
         """Stop claiming; let running tasks finish for up to ``timeout`` seconds; cancel
@@ -147,9 +170,7 @@ class Worker:
             await self._idle.wait()
         with anyio.CancelScope(shield=True):
             await self._flush()
-            handed_back = await self.store.release_tasks(
-                ((t.id, t.attempts) for t in self._held.values()), self.name
-            )
+            handed_back = await self.store.release_tasks(self._held, self.name)
         log.info("handed back unfinished tasks", tasks=handed_back)
         self._held.clear()
         self._queue.clear()
@@ -176,6 +197,8 @@ class Worker:
         )
 
     async def _claimer(self) -> None:
+        if self._claim_in_doubt:
+            await self._hand_back_orphans()
         while self._claiming:
             prefetch = self.prefetch
             # Room is measured in work not yet done: waiting on the completer's write
@@ -187,26 +210,55 @@ class Worker:
                 await self._capacity.wait(self.poll_interval)
                 continue
             asked = min(room, self.claim_batch)
+            self._claim_in_doubt = True
             claimed = await self.store.claim_tasks(asked, self.name, self.lease)
+            self._claim_in_doubt = False
             if not self._claiming:
                 # Shutdown began while the claim was in flight: these never ran.
                 with anyio.CancelScope(shield=True):
-                    await self.store.release_tasks(((t.id, t.attempts) for t in claimed), self.name)
+                    await self.store.release_tasks((t.key for t in claimed), self.name)
                 return
             if claimed:
                 self.metrics.claimed(len(claimed))
                 for task in claimed:
-                    self._held[task.id] = task
-                # Jobs move to IN_PROGRESS before any of their tasks runs: a job whose
-                # tasks all finished first would settle from PENDING without started_at.
+                    self._held[task.key] = task
+                # Jobs move to IN_PROGRESS before any of their tasks runs. This write is
+                # retried, never abandoned: the tasks are held, and must be queued.
                 starting = sorted({t.job_id for t in claimed if t.job_status == "PENDING"})
                 if starting:
-                    for latency in await self.store.start_jobs(starting):
-                        self.metrics.start_latency.observe(latency)
+                    await self._start_jobs(starting)
                 self._queue.extend(claimed)
                 self._work.set()
             if len(claimed) < asked:
                 await self.wakeup.wait(self._idle_wait())
+
+    async def _start_jobs(self, job_ids: list[int]) -> None:
+        """PENDING -> IN_PROGRESS for the jobs whose first tasks were just claimed, tried
+        until it goes through (or shutdown hands the tasks back). Should it never go
+        through, the tasks still run: settlement sets a job's started_at itself."""
+        delay = 0.05
+        while self._claiming:
+            try:
+                latencies = await self.store.start_jobs(job_ids)
+            except Exception as exc:
+                log.warning("could not mark jobs started; retrying", error=str(exc))
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            for latency in latencies:
+                self.metrics.start_latency.observe(latency)
+            return
+
+    async def _hand_back_orphans(self) -> None:
+        """After a claim that failed, the claim may have committed all the same (its reply
+        lost): tasks the database says this worker runs but that it does not hold go back
+        to PENDING with their attempt unspent, instead of waiting out their lease. No
+        claim is in flight here: only the claimer claims."""
+        orphans = await self.store.my_running_tasks(self.name) - set(self._held)
+        if orphans:
+            handed_back = await self.store.release_tasks(orphans, self.name)
+            log.warning("handed back tasks of a claim whose reply was lost", tasks=handed_back)
+        self._claim_in_doubt = False
 
     def _idle_wait(self) -> float:
         """Sleep until the poll, or sooner if a retry we scheduled falls due."""
@@ -252,7 +304,7 @@ class Worker:
                 )
 
     async def _run_in(self, slot: _Slot, task: ClaimedTask) -> Outcome | None:
-        self._running[task.id] = slot
+        self._running[task.key] = slot
         try:
             started = time.monotonic()
             outcome = await self._execute(task)
@@ -264,7 +316,7 @@ class Worker:
                 )
             return outcome
         finally:
-            del self._running[task.id]
+            del self._running[task.key]
             if not self._running:
                 self._idle.set()
 
@@ -283,6 +335,10 @@ class Worker:
             return self._outcome(task, TaskStatus.CANCELED, "canceled before it started")
         if kind is None:
             return self._outcome(task, TaskStatus.FAILURE, f"unknown kind {task.kind!r}")
+        if isinstance(task.payload, Undecodable):
+            return self._outcome(
+                task, TaskStatus.FAILURE, f"task payload cannot be decoded: {task.payload.error}"
+            )
         context = TaskContext(
             id=task.id,
             job_id=task.job_id,
@@ -297,25 +353,44 @@ class Worker:
         except _TimedOut:
             return self._failed(task, kind, attempt, f"timed out after {kind.timeout}s", None, True)
         except Retry as exc:
-            return self._failed(task, kind, attempt, str(exc) or "retry requested", exc.delay, True)
+            message = message_of(exc) or "retry requested"
+            return self._failed(task, kind, attempt, message, exc.delay, True)
         except Exception as exc:
             retriable = isinstance(exc, kind.retry_on)
-            message = str(exc) or type(exc).__name__
+            message = message_of(exc) or type(exc).__name__
             return self._failed(task, kind, attempt, message, None, retriable)
+        except (SystemExit, KeyboardInterrupt, GeneratorExit) as exc:
+            # The handler's own end, not the daemon's: its task fails, never retried.
+            return self._failed(task, kind, attempt, describe(exc), None, False)
 
     def _result_outcome(self, task: ClaimedTask, value: Any) -> Outcome:
         status, message = TaskStatus.SUCCESS, None
         if isinstance(value, TaskWarning):
-            status, message, value = TaskStatus.WARNING, value.message, value.result
+            status, message, value = TaskStatus.WARNING, _text(value.message), value.result
         if value is None:
             return self._outcome(task, status, message)
         try:
-            result_json = dumps(value)
-        except (TypeError, ValueError) as exc:
+            result = encode_json(value)
+        except NotStorable as exc:
             return self._outcome(
-                task, TaskStatus.FAILURE, f"process returned a result that is not JSON: {exc}"
+                task,
+                TaskStatus.FAILURE,
+                f"process returned a result PostgreSQL cannot store: {exc}",
             )
-        return self._outcome(task, status, message, result_json=result_json)
+        except Exception as exc:  # TypeError, ValueError, or a hostile __eq__/__str__
+            return self._outcome(
+                task,
+                TaskStatus.FAILURE,
+                f"process returned a result that is not JSON: {describe(exc)}",
+            )
+        if len(result) > self.max_result_bytes:
+            return self._outcome(
+                task,
+                TaskStatus.FAILURE,
+                f"process returned a result of {len(result)} bytes; the limit is "
+                f"{self.max_result_bytes} (herder.settings max_result_bytes)",
+            )
+        return self._outcome(task, status, message, result_json=result.decode())
 
     def _failed(
         self,
@@ -326,9 +401,9 @@ class Worker:
         delay: float | None,
         retriable: bool,
     ) -> Outcome:
-        trace = traceback.format_exc()
+        trace = _traceback()
         if retriable and attempt < kind.max_attempts:
-            wait = kind.retry_delay(attempt) if delay is None else delay
+            wait = _retry_delay(kind, attempt, delay)
             self._next_retry_due = min(self._next_retry_due, time.monotonic() + wait)
             return self._outcome(
                 task,
@@ -371,6 +446,7 @@ class Worker:
         while True:
             if not self._outcomes:
                 if not self._executing and not self._running:
+                    self._completer_done.set()
                     return
                 await self._outcomes_ready.wait(self.poll_interval)
                 continue
@@ -387,10 +463,10 @@ class Worker:
             batch = self._outcomes[: self.complete_batch]
             # Removed only once written: a database outage retries the same batch, and
             # writing an outcome twice changes nothing (the second is fenced out).
-            applied = await self.store.complete_tasks(batch)
+            applied = await self._write(batch)
             del self._outcomes[: len(batch)]
             for outcome in batch:
-                self._held.pop(outcome.task_id, None)
+                self._held.pop(outcome.key, None)
             self.metrics.finished((o.kind, o.status, o.seconds) for o in batch)
             self._capacity.set()
             if len(applied) < len(batch):
@@ -403,6 +479,61 @@ class Worker:
             # the candidate query is the costliest part of a flush on a big job.
             finished_here = {job_id for _, job_id in applied} - self.held_job_ids
             self.metrics.settled(await self.store.settle(finished_here))
+
+    async def _write(self, batch: list[Outcome]) -> list[tuple[int, int]]:
+        """complete_tasks, contained: when PostgreSQL refuses the batch for what one
+        outcome holds (anything but the database being away), the outcomes are written
+        one by one, and each refused one as a FAILURE that says why."""
+        try:
+            return await self.store.complete_tasks(batch)
+        except TRANSIENT:
+            raise
+        except asyncpg.PostgresError as exc:
+            log.error("completion batch refused; writing one by one", error=str(exc))
+        applied: list[tuple[int, int]] = []
+        for outcome in batch:
+            try:
+                applied += await self.store.complete_tasks([outcome])
+            except TRANSIENT:
+                raise
+            except asyncpg.PostgresError as exc:
+                log.error("outcome refused", task_id=outcome.task_id, error=str(exc))
+                refused = Outcome(
+                    outcome.task_id,
+                    outcome.job_id,
+                    outcome.attempt,
+                    TaskStatus.FAILURE.value,
+                    f"the database refused the task's outcome: {exc}",
+                    kind=outcome.kind,
+                    seconds=outcome.seconds,
+                )
+                applied += await self.store.complete_tasks([refused])
+        return applied
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else message_of(Exception(value))
+
+
+def _traceback() -> str:
+    try:
+        return traceback.format_exc()
+    except Exception:  # a hostile exception can break the formatting too
+        return "(the traceback could not be formatted)"
+
+
+def _retry_delay(kind: Kind, attempt: int, asked: object) -> float:
+    """The delay a Retry asked for, clamped to [0, the kind's max_backoff]; the kind's
+    own backoff when it asked for none, or for something that is not a number."""
+    if asked is None:
+        return kind.retry_delay(attempt)
+    try:
+        delay = float(asked)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        return kind.retry_delay(attempt)
+    if math.isnan(delay):
+        return kind.retry_delay(attempt)
+    return min(max(delay, 0.0), kind.max_backoff)
 
 
 class _TimedOut(Exception):

@@ -78,6 +78,10 @@ class JobContext:
     #: skips that many yielded payloads itself (so ``prepare`` must be deterministic).
     resume_from: int
     pool: Pool = field(repr=False)
+    #: herder.settings max_tasks_per_job: a job yielding more fails at the first task past
+    #: it. A prepare that knows its count up front should refuse a larger job itself,
+    #: before yielding anything (raise InvalidPayload).
+    max_tasks: int = 10_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +121,40 @@ _REGISTRY: dict[str, Kind] = {}
 
 class KindError(Exception):
     """A kind was declared wrongly, or an app could not be loaded."""
+
+
+#: What a kind's code may raise that herder contains: the task, preparation or hook
+#: fails, never the daemon. SystemExit, KeyboardInterrupt and GeneratorExit raised by a
+#: handler mean the handler's own end, not the daemon's. (Cancellation is not in here:
+#: herder's own timeouts and cancels pass through.)
+KIND_CODE_ERRORS: tuple[type[BaseException], ...] = (
+    Exception,
+    SystemExit,
+    KeyboardInterrupt,
+    GeneratorExit,
+)
+
+
+def message_of(exc: BaseException) -> str:
+    """str(exc), even when its ``__str__`` raises too (the message is made storable
+    where it is written)."""
+    try:
+        return str(exc)
+    except Exception:  # a hostile __str__
+        return f"{type(exc).__name__} (str() of the exception raised)"
+
+
+def describe(exc: BaseException | None) -> str:
+    """``Type: message`` for an exception raised by a kind's code."""
+    if exc is None:
+        return "unknown error"
+    text = message_of(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+async def _job_as_one_task(job: JobContext) -> AsyncIterator[JSON]:
+    """The prepare of a kind that declares none: one task, the job's payload."""
+    yield job.payload
 
 
 class Kind:
@@ -167,9 +205,7 @@ class Kind:
 
     @property
     def prepare_fn(self) -> PrepareFn:
-        if self._prepare is None:
-            raise KindError(f"kind {self.name!r} has no prepare function")
-        return self._prepare
+        return _job_as_one_task if self._prepare is None else self._prepare
 
     @property
     def process_fn(self) -> ProcessFn:
@@ -188,6 +224,16 @@ class Kind:
 
     def __repr__(self) -> str:
         return f"Kind({self.name!r})"
+
+
+def check_kinds() -> None:
+    """Refuse, at start-up, a kind that could never run a task."""
+    for kind in _REGISTRY.values():
+        if kind._process is None:
+            raise KindError(
+                f"kind {kind.name!r} has no process function (declare one with the "
+                "kind's @process decorator)"
+            )
 
 
 def get_kind(name: str) -> Kind | None:

@@ -90,6 +90,12 @@ async def sleep_ms(ms: float) -> None:
 @synthetic.prepare
 async def prepare(job: JobContext) -> AsyncIterator[JSON]:
     spec = parse_payload(job.payload)
+    if spec.tasks > job.max_tasks:
+        # The count is known up front: refuse before a single task is written.
+        raise InvalidPayload(
+            f"payload key 'tasks' asks for {spec.tasks} tasks; the limit is "
+            f"{job.max_tasks} (herder.settings max_tasks_per_job)"
+        )
     for i in range(job.resume_from, spec.tasks):
         if spec.prepare_ms:
             await sleep_ms(spec.prepare_ms)

@@ -4,9 +4,13 @@
 -- ---------------------------------------------------------------- preparation
 
 -- name: claim_preparation
--- A PREPARING job nobody holds (or whose preparer's lease ran out: it died).
+-- A PREPARING job nobody holds (or whose preparer's lease ran out: it died). Each claim
+-- bumps the generation, which names this preparation attempt: every write it makes is
+-- fenced by it, so an earlier holder (dead, slow, or this very daemon before a cancel
+-- and resume) can write nothing more.
 UPDATE herder.jobs j
-SET preparer = $1, prepare_lease_until = clock_timestamp() + make_interval(secs => $2)
+SET preparer = $1, prepare_lease_until = clock_timestamp() + make_interval(secs => $2),
+    generation = j.generation + 1
 WHERE j.id = (
     SELECT id FROM herder.jobs
     WHERE status = 'PREPARING'
@@ -15,7 +19,8 @@ WHERE j.id = (
     LIMIT 1
     FOR UPDATE SKIP LOCKED
 )
-RETURNING j.id, j.kind, j.payload, j.priority, j.owner, j.generation, j.prepared;
+RETURNING j.id, j.kind, j.payload, j.priority, j.owner, j.generation, j.prepared,
+          j.stale_tasks, herder.setting('max_tasks_per_job') AS max_tasks;
 
 -- name: copy_modes
 -- COPY FROM refuses a role subject to row-level security (a daemon running as a plain
@@ -49,7 +54,7 @@ SET LOCAL session_replication_role = origin;
 WITH held AS (
     SELECT id FROM herder.jobs
     WHERE id = $1 AND generation = $2 AND preparer = $3 AND status = 'PREPARING'
-      AND prepared = $8
+      AND prepared = $8 AND stale_tasks = 0
     FOR NO KEY UPDATE
 ), written AS (
     INSERT INTO herder.tasks (job_id, seq, payload)
@@ -66,7 +71,7 @@ RETURNING j.id;
 WITH held AS (
     SELECT id FROM herder.jobs
     WHERE id = $1 AND generation = $2 AND preparer = $3 AND status = 'PREPARING'
-      AND prepared = $8
+      AND prepared = $8 AND stale_tasks = 0
     FOR NO KEY UPDATE
 ), written AS (
     INSERT INTO herder.tasks (job_id, seq, payload)
@@ -81,24 +86,66 @@ WITH held AS (
 SELECT id, pg_notify('herder_tasks', '') FROM done;
 
 -- name: fail_preparation
+-- Fenced like a batch: only the preparation holding this generation may fail the job.
+-- The tasks it wrote become stale, deleted afterwards in batches (discard_stale_batch):
+-- one statement deleting millions of rows would hold up everyone.
 WITH failed AS (
     UPDATE herder.jobs
-    SET status = 'FAILURE', message = $3, ended_at = clock_timestamp(), preparer = NULL,
-        prepare_lease_until = NULL, finish_pending = $4
-    WHERE id = $1 AND generation = $2 AND status = 'PREPARING'
-    RETURNING id
-), dropped AS (
-    DELETE FROM herder.tasks WHERE job_id IN (SELECT id FROM failed)
+    SET status = 'FAILURE', message = $4, ended_at = clock_timestamp(), preparer = NULL,
+        prepare_lease_until = NULL, stale_tasks = GREATEST(stale_tasks, prepared),
+        prepared = 0
+    WHERE id = $1 AND generation = $2 AND preparer = $3 AND status = 'PREPARING'
+    RETURNING id, status, message
+), hooked AS (
+    INSERT INTO herder.finish_hooks (job_id, status, message)
+    SELECT id, status, message FROM failed WHERE $5
 )
-SELECT pg_notify('herder_job_finished', id::text) FROM failed;
+SELECT id, CASE WHEN $5 THEN pg_notify('herder_job_finished', id::text) END AS woke
+FROM failed;
+
+-- name: stale_tasks
+SELECT stale_tasks FROM herder.jobs WHERE id = $1;
+
+-- name: discard_stale_batch
+-- The top window of an earlier run's tasks (seq in [$2 - $3, $2)), by the job's B-tree.
+-- Fenced by the count itself: whoever moves it first deletes the window, so a preparer
+-- and a sweep may both work on one job.
+WITH job AS (
+    UPDATE herder.jobs SET stale_tasks = GREATEST(stale_tasks - $3, 0)
+    WHERE id = $1 AND stale_tasks = $2
+    RETURNING id, stale_tasks AS below
+), gone AS (
+    DELETE FROM herder.tasks t USING job
+    WHERE t.job_id = job.id AND t.seq >= job.below AND t.seq < $2
+)
+SELECT below FROM job;
+
+-- name: stale_jobs
+-- Jobs with an earlier run's tasks left to delete (restarted, or whose preparation
+-- failed), for the sweep: a preparer that died mid-way leaves some.
+SELECT id FROM herder.jobs WHERE stale_tasks > 0 ORDER BY id LIMIT $1;
 
 -- name: release_preparation
 UPDATE herder.jobs SET preparer = NULL, prepare_lease_until = NULL
-WHERE id = $1 AND preparer = $2 AND status = 'PREPARING';
+WHERE id = $1 AND generation = $2 AND preparer = $3 AND status = 'PREPARING';
 
 -- name: renew_preparations
-UPDATE herder.jobs SET prepare_lease_until = clock_timestamp() + make_interval(secs => $3)
-WHERE id = ANY($1::bigint[]) AND preparer = $2 AND status = 'PREPARING';
+-- Returns the (job, generation) renewed: any other is no longer this daemon's.
+UPDATE herder.jobs j SET prepare_lease_until = clock_timestamp() + make_interval(secs => $4)
+FROM unnest($1::bigint[], $2::int[]) AS h(id, generation)
+WHERE j.id = h.id AND j.generation = h.generation AND j.preparer = $3
+  AND j.status = 'PREPARING'
+RETURNING j.id, j.generation;
+
+-- name: preparations_lost
+-- Of the given (job, generation), those this daemon must stop preparing: canceled,
+-- restarted, deleted or taken over.
+SELECT h.id, h.generation FROM unnest($1::bigint[], $2::int[]) AS h(id, generation)
+WHERE NOT EXISTS (
+    SELECT 1 FROM herder.jobs j
+    WHERE j.id = h.id AND j.generation = h.generation AND j.preparer = $3
+      AND j.status = 'PREPARING'
+);
 
 -- ---------------------------------------------------------------- tasks
 
@@ -159,21 +206,32 @@ WHERE t.id = r.id AND t.attempts = r.attempt AND t.status = 'IN_PROGRESS' AND t.
 RETURNING t.id;
 
 -- name: renew_task_leases
--- One statement per heartbeat for everything this daemon holds. Rows being completed
--- right now are skipped, not waited for.
-UPDATE herder.tasks t SET lease_until = clock_timestamp() + make_interval(secs => $3)
+-- One statement per heartbeat for every (task, attempt) this daemon holds. Rows locked
+-- right now (being completed, or by anyone else) are skipped, not waited for; the ids
+-- renewed come back, and the rest are tried again soon.
+UPDATE herder.tasks t SET lease_until = clock_timestamp() + make_interval(secs => $4)
 WHERE t.id IN (
-    SELECT id FROM herder.tasks
-    WHERE id = ANY($1::bigint[]) AND status = 'IN_PROGRESS' AND worker = $2
-    FOR UPDATE SKIP LOCKED
-);
+    SELECT p.id FROM herder.tasks p
+    JOIN unnest($1::bigint[], $2::int[]) AS h(id, attempt)
+      ON p.id = h.id AND p.attempts = h.attempt
+    WHERE p.status = 'IN_PROGRESS' AND p.worker = $3
+    FOR UPDATE OF p SKIP LOCKED
+)
+RETURNING t.id, t.attempts;
+
+-- name: my_running_tasks
+-- Tasks the database says this daemon runs: after a claim whose reply was lost, those it
+-- does not hold are handed back (release_tasks) instead of waiting out their lease.
+SELECT id, attempts FROM herder.tasks WHERE status = 'IN_PROGRESS' AND worker = $1;
 
 -- name: rescue_expired_tasks
 -- Tasks whose worker died: back to PENDING, FAILURE once the attempts are spent,
--- CANCELED if their job is being canceled.
+-- CANCELED if their job is being canceled. Never the rescuer's own ($1): a daemon that
+-- could not renew a lease for a while still runs the task, and renews it when it can.
 WITH expired AS (
     SELECT id FROM herder.tasks
     WHERE status = 'IN_PROGRESS' AND lease_until < clock_timestamp()
+      AND worker IS DISTINCT FROM $1
     ORDER BY lease_until
     LIMIT 1000
     FOR UPDATE SKIP LOCKED
@@ -210,10 +268,12 @@ WHERE NOT EXISTS (
 -- ---------------------------------------------------------------- settlement
 
 -- name: settle_candidates
--- Jobs that may be able to settle: nothing runs, and nothing is pending (a CANCELING
--- job's leftover pending tasks are canceled while settling). $1 NULL means all jobs.
-SELECT j.id FROM herder.jobs j
+-- Jobs that may be able to settle: nothing runs, nothing is pending (a CANCELING job's
+-- pending tasks are canceled first, in batches) and nothing is being reopened. $1 NULL
+-- means all jobs.
+SELECT j.id, j.status FROM herder.jobs j
 WHERE j.status IN ('PENDING', 'IN_PROGRESS', 'CANCELING')
+  AND j.reopening IS NULL
   AND ($1::bigint[] IS NULL OR j.id = ANY($1::bigint[]))
   AND NOT EXISTS (SELECT 1 FROM herder.tasks t
                   WHERE t.job_id = j.id AND t.status = 'IN_PROGRESS')
@@ -225,43 +285,100 @@ ORDER BY j.id;
 -- The only lock on a job row taken because of task outcomes, and only when it can be the
 -- last: settlement happens once, under it.
 SELECT status, kind FROM herder.jobs
-WHERE id = $1 AND status IN ('PENDING', 'IN_PROGRESS', 'CANCELING')
+WHERE id = $1 AND status IN ('PENDING', 'IN_PROGRESS', 'CANCELING') AND reopening IS NULL
 FOR UPDATE;
 
--- name: cancel_leftover_tasks
-UPDATE herder.tasks SET status = 'CANCELED', ended_at = clock_timestamp(),
-                        message = 'canceled before it started'
-WHERE job_id = $1 AND status = 'PENDING';
+-- name: cancel_pending_batch
+-- A CANCELING job's pending tasks, a batch per statement (cancel_job itself touches no
+-- task). Rows a claim is taking right now are skipped: that claim's worker cancels them.
+UPDATE herder.tasks t SET status = 'CANCELED', ended_at = clock_timestamp(),
+                          message = 'canceled before it started'
+WHERE t.id IN (
+    SELECT p.id FROM herder.tasks p
+    WHERE p.job_id = $1 AND p.status = 'PENDING'
+    ORDER BY p.seq
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+) AND t.status = 'PENDING'
+  AND EXISTS (SELECT 1 FROM herder.jobs j WHERE j.id = $1 AND j.status = 'CANCELING');
+
+-- name: reopening_jobs
+SELECT id, reopening, reopen_from FROM herder.jobs
+WHERE reopening IS NOT NULL ORDER BY id LIMIT $1;
+
+-- name: reopen_batch
+-- One window of a resumed ($4 'resume': CANCELED tasks) or retried ($4 'retry': FAILURE
+-- tasks, with a fresh attempt budget) job's tasks back to PENDING, seq in [$2, $2 + $3).
+-- Fenced by the window's start, so daemons working on one job take turns; the last
+-- window clears the mark and the job may settle again.
+WITH job AS (
+    UPDATE herder.jobs
+    SET reopen_from = $2 + $3,
+        reopening = CASE WHEN $2 + $3 >= prepared THEN NULL ELSE reopening END
+    WHERE id = $1 AND reopening = $4 AND reopen_from = $2
+      AND status IN ('PREPARING', 'PENDING', 'IN_PROGRESS')
+    RETURNING id, reopening
+), reopened AS (
+    UPDATE herder.tasks t
+    SET status = 'PENDING', message = NULL, ended_at = NULL, started_at = NULL,
+        run_at = NULL,
+        attempts_base = CASE WHEN $4 = 'retry' THEN t.attempts ELSE t.attempts_base END,
+        result = CASE WHEN $4 = 'retry' THEN NULL ELSE t.result END,
+        traceback = CASE WHEN $4 = 'retry' THEN NULL ELSE t.traceback END
+    FROM job
+    WHERE t.job_id = job.id AND t.seq >= $2 AND t.seq < $2 + $3
+      AND t.status = CASE WHEN $4 = 'retry' THEN 'FAILURE' ELSE 'CANCELED' END
+    RETURNING t.id
+)
+SELECT (SELECT reopening IS NULL FROM job) AS done,
+       (SELECT count(*) FROM reopened) AS reopened,
+       CASE WHEN EXISTS (SELECT 1 FROM reopened) THEN pg_notify('herder_tasks', '') END
+         AS woke
+FROM job;
 
 -- name: task_counts
 SELECT status, count(*)::bigint AS n FROM herder.tasks WHERE job_id = $1 GROUP BY status;
 
 -- name: apply_settlement
+-- With $4, the settlement also queues its on_finished run (the outbox row commits with
+-- it, so no crash can lose it).
 WITH settled AS (
     UPDATE herder.jobs
-    SET status = $2, message = $3, ended_at = clock_timestamp(), finish_pending = $4,
+    SET status = $2, message = $3, ended_at = clock_timestamp(),
         started_at = coalesce(started_at, clock_timestamp())
     WHERE id = $1
-    RETURNING id
+    RETURNING id, status, message
+), hooked AS (
+    INSERT INTO herder.finish_hooks (job_id, status, message)
+    SELECT id, status, message FROM settled WHERE $4
 )
 SELECT pg_notify('herder_job_finished', id::text) FROM settled WHERE $4;
 
 -- name: claim_finish_hook
--- The on_finished outbox: a settled job whose hook has not run, for a kind this daemon
--- knows. The lease lets another daemon run it if this one dies first.
-UPDATE herder.jobs j SET finish_lease_until = clock_timestamp() + make_interval(secs => $2)
-WHERE j.id = (
-    SELECT id FROM herder.jobs
-    WHERE finish_pending AND kind = ANY($1::text[])
-      AND (finish_lease_until IS NULL OR finish_lease_until < clock_timestamp())
-    ORDER BY id
+-- The on_finished outbox: a settlement whose hook has not run, for a kind this daemon
+-- knows. The lease (renewed while the hook runs) lets another daemon run it if this one
+-- dies first; attempts names this run and fences its done-write.
+UPDATE herder.finish_hooks h
+SET attempts = h.attempts + 1, runner = $3,
+    lease_until = clock_timestamp() + make_interval(secs => $2)
+FROM herder.jobs j
+WHERE h.id = (
+    SELECT o.id FROM herder.finish_hooks o JOIN herder.jobs k ON k.id = o.job_id
+    WHERE k.kind = ANY($1::text[])
+      AND (o.lease_until IS NULL OR o.lease_until < clock_timestamp())
+    ORDER BY o.id
     LIMIT 1
-    FOR UPDATE SKIP LOCKED
-)
-RETURNING j.id, j.kind, j.payload, j.status, j.message, j.owner;
+    FOR UPDATE OF o SKIP LOCKED
+) AND j.id = h.job_id
+RETURNING h.id AS hook_id, h.attempts, j.id, j.kind, j.payload, h.status, h.message, j.owner;
+
+-- name: renew_finish_hook
+UPDATE herder.finish_hooks SET lease_until = clock_timestamp() + make_interval(secs => $4)
+WHERE id = $1 AND attempts = $2 AND runner = $3
+RETURNING id;
 
 -- name: finish_hook_done
-UPDATE herder.jobs SET finish_pending = false, finish_lease_until = NULL WHERE id = $1;
+DELETE FROM herder.finish_hooks WHERE id = $1 AND attempts = $2;
 
 -- ---------------------------------------------------------------- control and reading
 
@@ -302,6 +419,9 @@ WHERE ($1::text IS NULL OR j.status = $1)
 ORDER BY j.id DESC
 LIMIT $2;
 
+-- name: max_result_bytes
+SELECT herder.setting('max_result_bytes');
+
 -- name: job_failures
 SELECT id, seq, status, attempts, message FROM herder.tasks
 WHERE job_id = $1 AND status IN ('FAILURE', 'WARNING')
@@ -328,9 +448,10 @@ GROUP BY status;
 -- ---------------------------------------------------------------- retention
 
 -- name: prunable_jobs
--- Finished jobs older than the retention whose on_finished hook has run, oldest first.
-SELECT id FROM herder.jobs
-WHERE status IN ('SUCCESS', 'WARNING', 'FAILURE', 'CANCELED') AND NOT finish_pending
+-- Finished jobs older than the retention whose on_finished hooks have run, oldest first.
+SELECT id FROM herder.jobs j
+WHERE status IN ('SUCCESS', 'WARNING', 'FAILURE', 'CANCELED')
+  AND NOT EXISTS (SELECT 1 FROM herder.finish_hooks h WHERE h.job_id = j.id)
   AND ended_at < clock_timestamp() - make_interval(secs => $1)
 ORDER BY ended_at
 LIMIT $2;
@@ -351,7 +472,8 @@ WITH doomed AS (
 DELETE FROM herder.tasks t USING doomed WHERE t.id = doomed.id;
 
 -- name: prune_jobs
-DELETE FROM herder.jobs
+DELETE FROM herder.jobs j
 WHERE id = ANY($1::bigint[])
-  AND status IN ('SUCCESS', 'WARNING', 'FAILURE', 'CANCELED') AND NOT finish_pending
+  AND status IN ('SUCCESS', 'WARNING', 'FAILURE', 'CANCELED')
+  AND NOT EXISTS (SELECT 1 FROM herder.finish_hooks h WHERE h.job_id = j.id)
   AND ended_at < clock_timestamp() - make_interval(secs => $2);

@@ -9,11 +9,13 @@ CREATE SCHEMA IF NOT EXISTS herder;
 --   herder_submitter: submit jobs, see and control its own jobs, read their tasks.
 --   herder_worker:    what the daemon needs, no more.
 --   herder_urgent:    may submit above herder.settings max_priority.
+--   herder_verifier:  may verify UNVERIFIED jobs (an owner may not verify its own).
 DO $$
 DECLARE
     role_name text;
 BEGIN
-    FOREACH role_name IN ARRAY ARRAY['herder_submitter', 'herder_worker', 'herder_urgent'] LOOP
+    FOREACH role_name IN ARRAY ARRAY['herder_submitter', 'herder_worker', 'herder_urgent',
+                                     'herder_verifier'] LOOP
         IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = role_name) THEN
             EXECUTE format('CREATE ROLE %I NOLOGIN', role_name);
         END IF;
@@ -40,7 +42,8 @@ CREATE TABLE IF NOT EXISTS herder.jobs (
     created_at   timestamptz NOT NULL DEFAULT clock_timestamp(),
     started_at   timestamptz,
     ended_at     timestamptz,
-    -- Bumped by restart: a preparer holding an older generation writes nothing.
+    -- Bumped by every preparation claim (and by restart): it names one preparation
+    -- attempt, and a preparer holding an older generation writes nothing.
     generation   int NOT NULL DEFAULT 0,
     -- Tasks committed by preparation so far; a resumed preparation continues from here.
     prepared     int NOT NULL DEFAULT 0,
@@ -50,9 +53,16 @@ CREATE TABLE IF NOT EXISTS herder.jobs (
     prepare_lease_until timestamptz,
     -- The kind's max_attempts, recorded at preparation so crash rescue can apply it.
     max_attempts int NOT NULL DEFAULT 3,
-    -- Outbox for the kind's on_finished hook: set in the settling transaction.
-    finish_pending boolean NOT NULL DEFAULT false,
-    finish_lease_until timestamptz,
+    -- False while the job was submitted UNVERIFIED and no verifier has approved it:
+    -- cancel, resume and restart bring such a job back to UNVERIFIED, never further.
+    verified     boolean NOT NULL DEFAULT true,
+    -- Tasks of an earlier run (seq below this) still to delete, in batches, before the
+    -- job is prepared again: restart and a failed preparation return at once.
+    stale_tasks  int NOT NULL DEFAULT 0,
+    -- 'resume' or 'retry' while daemons reopen the job's tasks in batches, walking seq
+    -- from reopen_from; the job cannot settle meanwhile.
+    reopening    text,
+    reopen_from  int NOT NULL DEFAULT 0,
     CONSTRAINT jobs_status_check CHECK (status IN ('UNVERIFIED', 'PREPARING', 'PENDING',
         'IN_PROGRESS', 'CANCELING', 'CANCELED', 'SUCCESS', 'WARNING', 'FAILURE'))
 );
@@ -84,20 +94,56 @@ CREATE TABLE IF NOT EXISTS herder.tasks (
         'SUCCESS', 'WARNING', 'FAILURE'))
 );
 
+ALTER TABLE herder.jobs ADD COLUMN IF NOT EXISTS verified boolean NOT NULL DEFAULT true;
+ALTER TABLE herder.jobs ADD COLUMN IF NOT EXISTS stale_tasks int NOT NULL DEFAULT 0;
+ALTER TABLE herder.jobs ADD COLUMN IF NOT EXISTS reopening text;
+ALTER TABLE herder.jobs ADD COLUMN IF NOT EXISTS reopen_from int NOT NULL DEFAULT 0;
+
+-- The on_finished outbox: one row per settlement to SUCCESS, WARNING or FAILURE, written
+-- in the settling transaction, deleted when the hook has run. A row per settlement (not
+-- a flag on the job) so that a retry settling the job again while the first hook runs
+-- gets a run of its own, and nothing a control does can drop one.
+CREATE TABLE IF NOT EXISTS herder.finish_hooks (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    job_id      bigint NOT NULL REFERENCES herder.jobs ON DELETE CASCADE,
+    -- The settlement this run reports (the job may have moved on since).
+    status      text NOT NULL,
+    message     text,
+    -- Times claimed: (id, attempts) names one run and fences its done-write.
+    attempts    int NOT NULL DEFAULT 0,
+    runner      text,
+    lease_until timestamptz,
+    created_at  timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE INDEX IF NOT EXISTS finish_hooks_job_idx ON herder.finish_hooks (job_id);
+
+-- Earlier versions kept the outbox as a flag on the job: carry pending hooks over.
+DO $$
+BEGIN
+    IF EXISTS (SELECT FROM pg_catalog.pg_attribute
+               WHERE attrelid = 'herder.jobs'::regclass AND attname = 'finish_pending'
+                 AND NOT attisdropped) THEN
+        INSERT INTO herder.finish_hooks (job_id, status, message)
+        SELECT id, status, message FROM herder.jobs WHERE finish_pending;
+        DROP INDEX IF EXISTS herder.jobs_finish_pending_idx;
+        ALTER TABLE herder.jobs DROP COLUMN finish_pending, DROP COLUMN finish_lease_until;
+    END IF;
+END;
+$$;
+
 -- Every task write changes its status, so every write maintains every B-tree on tasks:
 -- keep them few. The claimable and running sets are small next to the finished rows and
--- live in partial indexes, so claims and settlement checks never scan history. Tasks of
--- a job are written together, so a BRIN index finds them for per-job reads and cascades
--- at almost no cost per write.
+-- live in partial indexes, so claims and settlement checks never scan history. Every
+-- per-job read and batch (show, failures, reopening, discarding, retention, the cascade)
+-- walks tasks_job_idx, so it costs the job's size, never the table's.
 CREATE INDEX IF NOT EXISTS tasks_pending_idx ON herder.tasks (job_id, seq)
     WHERE status = 'PENDING';
 CREATE INDEX IF NOT EXISTS tasks_running_idx ON herder.tasks (job_id)
     WHERE status = 'IN_PROGRESS';
-CREATE INDEX IF NOT EXISTS tasks_job_brin ON herder.tasks USING brin (job_id)
-    WITH (autosummarize = on);
--- Summarized as pages fill (by autovacuum), not only at VACUUM: a range left
--- unsummarized matches every lookup, the foreign key's cascade on job deletion included.
-ALTER INDEX herder.tasks_job_brin SET (autosummarize = on);
+CREATE INDEX IF NOT EXISTS tasks_job_idx ON herder.tasks (job_id, seq);
+-- A BRIN index cannot narrow a job whose rows moved (every update writes a new version
+-- wherever there is room): the B-tree above replaces it.
+DROP INDEX IF EXISTS herder.tasks_job_brin;
 -- In a queue the status histogram is always stale (a million PENDING rows at ANALYZE
 -- time are finished a minute later), and a planner believing it walks the primary key
 -- through history instead of the partial indexes. Without statistics the planner
@@ -109,8 +155,8 @@ CREATE INDEX IF NOT EXISTS jobs_preparing_idx ON herder.jobs (priority DESC, id)
     WHERE status = 'PREPARING';
 CREATE INDEX IF NOT EXISTS jobs_active_idx ON herder.jobs (id)
     WHERE status IN ('PENDING', 'IN_PROGRESS', 'CANCELING');
-CREATE INDEX IF NOT EXISTS jobs_finish_pending_idx ON herder.jobs (id)
-    WHERE finish_pending;
+CREATE INDEX IF NOT EXISTS jobs_stale_idx ON herder.jobs (id) WHERE stale_tasks > 0;
+CREATE INDEX IF NOT EXISTS jobs_reopening_idx ON herder.jobs (id) WHERE reopening IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_status_idx ON herder.jobs (status, id);
 
 -- Limits enforced at the door, so a psql user gets a clear error at INSERT time. Change
@@ -123,21 +169,29 @@ CREATE TABLE IF NOT EXISTS herder.settings (
 INSERT INTO herder.settings (name, value, description) VALUES
     ('max_payload_bytes', 1048576, 'largest job payload accepted, in bytes of JSON text'),
     ('max_tasks_per_job', 10000000, 'most tasks one job may prepare'),
-    ('max_priority', 10, 'highest priority a role not granted herder_urgent may submit')
+    ('max_priority', 10, 'highest priority a role not granted herder_urgent may submit'),
+    ('max_result_bytes', 1048576, 'largest task result kept, in bytes of JSON text')
 ON CONFLICT (name) DO NOTHING;
 
+-- Every function and trigger pins its search_path (pg_catalog first, pg_temp last) and
+-- qualifies what it calls: a role that owns a schema and puts look-alikes of built-ins
+-- first on its own search_path must not change what herder's checks compute.
 CREATE OR REPLACE FUNCTION herder.setting(setting_name text) RETURNS bigint
-LANGUAGE sql STABLE AS $$
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT value FROM herder.settings WHERE name = setting_name;
 $$;
 
 CREATE OR REPLACE FUNCTION herder.check_job_limits() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     size bigint;
 BEGIN
+    IF TG_OP = 'INSERT' THEN
+        -- Whatever the INSERT said: only verify_job approves a job.
+        NEW.verified := NEW.status IS DISTINCT FROM 'UNVERIFIED';
+    END IF;
     IF TG_OP = 'INSERT' OR NEW.payload IS DISTINCT FROM OLD.payload THEN
-        size := octet_length(NEW.payload::text);
+        size := pg_catalog.octet_length(NEW.payload::text);
         IF size > herder.setting('max_payload_bytes') THEN
             RAISE EXCEPTION 'job payload is % bytes; the limit is % (herder.settings max_payload_bytes)',
                 size, herder.setting('max_payload_bytes') USING ERRCODE = 'check_violation';
@@ -145,7 +199,7 @@ BEGIN
     END IF;
     IF (TG_OP = 'INSERT' OR NEW.priority IS DISTINCT FROM OLD.priority)
        AND NEW.priority > herder.setting('max_priority')
-       AND NOT pg_has_role(current_user, 'herder_urgent', 'MEMBER') THEN
+       AND NOT pg_catalog.pg_has_role(current_user, 'herder_urgent', 'MEMBER') THEN
         RAISE EXCEPTION 'priority % is above % and role % is not granted herder_urgent',
             NEW.priority, herder.setting('max_priority'), current_user
             USING ERRCODE = 'insufficient_privilege';
@@ -204,6 +258,7 @@ CREATE OR REPLACE FUNCTION herder.claim_tasks(batch int, worker_name text, lease
 RETURNS TABLE (id bigint, job_id bigint, seq int, payload jsonb, attempts int,
                attempts_base int, kind text, job_status text, priority int)
 LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
 SET enable_bitmapscan = off
 SET enable_hashjoin = off
 SET enable_mergejoin = off
@@ -245,7 +300,7 @@ $$;
 -- sent NOTIFY takes a database-wide lock, and identical notifications in one
 -- transaction are folded into one.
 CREATE OR REPLACE FUNCTION herder.notify_jobs_inserted() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM pg_notify('herder_jobs', '');
     RETURN NULL;
@@ -258,7 +313,7 @@ CREATE TRIGGER jobs_inserted AFTER INSERT ON herder.jobs
 
 CREATE OR REPLACE FUNCTION herder.submit_job(kind text, payload jsonb DEFAULT '{}',
                                              priority int DEFAULT 0) RETURNS bigint
-LANGUAGE sql AS $$
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
     INSERT INTO herder.jobs (kind, payload, priority)
     VALUES (submit_job.kind, coalesce(submit_job.payload, '{}'), submit_job.priority)
     RETURNING id;
@@ -268,71 +323,82 @@ $$;
 -- submitter can cancel its job without being able to write tasks. They act only on jobs
 -- the calling login role owns, unless it is a daemon (herder_worker) or a superuser; a
 -- job of someone else's answers false, like a job that does not exist.
+--
+-- Each touches the job row only, so it returns in milliseconds whatever the job's size
+-- and never waits on task rows a daemon holds: the per-task work (canceling pending
+-- tasks, reopening canceled or failed ones, deleting an earlier run's tasks) is done by
+-- the daemons in small batches (see queries.sql: cancel_pending_batch, reopen_batch,
+-- discard_batch).
 CREATE OR REPLACE FUNCTION herder.may_control(job_owner text) RETURNS boolean
-LANGUAGE sql STABLE AS $$
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT job_owner = session_user
         OR pg_catalog.pg_has_role(session_user, 'herder_worker', 'MEMBER');
+$$;
+
+-- Approval is a verifier's alone: the owner of a job may not verify it.
+CREATE OR REPLACE FUNCTION herder.may_verify() RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT pg_catalog.pg_has_role(session_user, 'herder_verifier', 'MEMBER')
+        OR (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = session_user);
 $$;
 
 CREATE OR REPLACE FUNCTION herder.verify_job(job_id bigint) RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    UPDATE herder.jobs SET status = 'PREPARING'
-    WHERE id = verify_job.job_id AND status = 'UNVERIFIED' AND herder.may_control(owner);
+    IF NOT herder.may_verify() THEN
+        RETURN false;
+    END IF;
+    UPDATE herder.jobs SET status = 'PREPARING', verified = true
+    WHERE id = verify_job.job_id AND status = 'UNVERIFIED';
     IF NOT FOUND THEN
         RETURN false;
     END IF;
-    PERFORM pg_notify('herder_jobs', '');
+    PERFORM pg_catalog.pg_notify('herder_jobs', '');
     RETURN true;
 END;
 $$;
 
--- Pending tasks are canceled here, at once. Running ones are cancelled by their daemons
--- (herder_cancel), which also settle the job CANCELED once none runs.
+-- The job is marked CANCELING; daemons cancel its pending tasks in batches (none can be
+-- claimed meanwhile: claims join only PENDING and IN_PROGRESS jobs), cancel its running
+-- ones (herder_cancel wakes them to look), and settle it CANCELED once none runs.
 CREATE OR REPLACE FUNCTION herder.cancel_job(job_id bigint) RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    UPDATE herder.jobs SET status = 'CANCELING'
+    UPDATE herder.jobs SET status = 'CANCELING', reopening = NULL
     WHERE id = cancel_job.job_id
       AND status IN ('UNVERIFIED', 'PREPARING', 'PENDING', 'IN_PROGRESS')
       AND herder.may_control(owner);
     IF NOT FOUND THEN
         RETURN false;
     END IF;
-    UPDATE herder.tasks SET status = 'CANCELED', ended_at = clock_timestamp(),
-                            message = 'canceled before it started'
-    WHERE tasks.job_id = cancel_job.job_id AND status = 'PENDING';
-    PERFORM pg_notify('herder_cancel', cancel_job.job_id::text);
+    PERFORM pg_catalog.pg_notify('herder_cancel', cancel_job.job_id::text);
     RETURN true;
 END;
 $$;
 
--- CANCELED: the canceled tasks run again. A job canceled during its preparation goes
--- back to PREPARING and continues where it stopped.
+-- CANCELED: the canceled tasks run again (daemons reopen them in batches). A job canceled
+-- during its preparation goes back to PREPARING and continues where it stopped; one
+-- never verified goes back to UNVERIFIED.
 CREATE OR REPLACE FUNCTION herder.resume_job(job_id bigint) RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    was_prepared boolean;
 BEGIN
     UPDATE herder.jobs
-    SET status = CASE WHEN prepared_at IS NULL THEN 'PREPARING' ELSE 'PENDING' END,
-        message = NULL, ended_at = NULL, preparer = NULL, prepare_lease_until = NULL
-    WHERE id = resume_job.job_id AND status = 'CANCELED' AND herder.may_control(owner)
-    RETURNING prepared_at IS NOT NULL INTO was_prepared;
+    SET status = CASE WHEN NOT verified THEN 'UNVERIFIED'
+                      WHEN prepared_at IS NULL THEN 'PREPARING'
+                      ELSE 'PENDING' END,
+        message = NULL, ended_at = NULL, preparer = NULL, prepare_lease_until = NULL,
+        reopening = CASE WHEN prepared > 0 THEN 'resume' END, reopen_from = 0
+    WHERE id = resume_job.job_id AND status = 'CANCELED' AND herder.may_control(owner);
     IF NOT FOUND THEN
         RETURN false;
     END IF;
-    UPDATE herder.tasks
-    SET status = 'PENDING', message = NULL, ended_at = NULL, started_at = NULL,
-        run_at = NULL
-    WHERE tasks.job_id = resume_job.job_id AND status = 'CANCELED';
-    PERFORM pg_notify(CASE WHEN was_prepared THEN 'herder_tasks' ELSE 'herder_jobs' END, '');
+    PERFORM pg_catalog.pg_notify('herder_jobs', '');
     RETURN true;
 END;
 $$;
 
--- FAILURE: only the failed tasks run again, each with a fresh attempt budget. A job
--- whose preparation failed is prepared afresh.
+-- FAILURE: only the failed tasks run again, each with a fresh attempt budget (daemons
+-- reopen them in batches). A job whose preparation failed is prepared afresh.
 CREATE OR REPLACE FUNCTION herder.retry_job(job_id bigint) RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -348,34 +414,32 @@ BEGIN
         RETURN herder.restart_job(retry_job.job_id);
     END IF;
     UPDATE herder.jobs
-    SET status = 'PENDING', message = NULL, ended_at = NULL, finish_pending = false
+    SET status = 'PENDING', message = NULL, ended_at = NULL, reopening = 'retry',
+        reopen_from = 0
     WHERE id = retry_job.job_id;
-    UPDATE herder.tasks
-    SET status = 'PENDING', attempts_base = attempts, message = NULL, result = NULL,
-        traceback = NULL, ended_at = NULL, started_at = NULL, run_at = NULL
-    WHERE tasks.job_id = retry_job.job_id AND status = 'FAILURE';
-    PERFORM pg_notify('herder_tasks', '');
+    PERFORM pg_catalog.pg_notify('herder_jobs', '');
     RETURN true;
 END;
 $$;
 
--- A finished job is prepared afresh: its tasks are deleted and the generation bumped so
--- nothing from the previous run can write to it.
+-- A finished job is prepared afresh. Its old tasks become stale (deleted in batches
+-- before the new preparation writes any) and the generation is bumped so nothing from
+-- the previous run can write to it.
 CREATE OR REPLACE FUNCTION herder.restart_job(job_id bigint) RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     UPDATE herder.jobs
-    SET status = 'PREPARING', generation = generation + 1, prepared = 0,
-        prepared_at = NULL, preparer = NULL, prepare_lease_until = NULL, message = NULL,
-        started_at = NULL, ended_at = NULL, finish_pending = false
+    SET status = CASE WHEN verified THEN 'PREPARING' ELSE 'UNVERIFIED' END,
+        generation = generation + 1, stale_tasks = GREATEST(stale_tasks, prepared),
+        prepared = 0, prepared_at = NULL, preparer = NULL, prepare_lease_until = NULL,
+        message = NULL, started_at = NULL, ended_at = NULL, reopening = NULL
     WHERE id = restart_job.job_id
       AND status IN ('SUCCESS', 'WARNING', 'FAILURE', 'CANCELED')
       AND herder.may_control(owner);
     IF NOT FOUND THEN
         RETURN false;
     END IF;
-    DELETE FROM herder.tasks WHERE tasks.job_id = restart_job.job_id;
-    PERFORM pg_notify('herder_jobs', '');
+    PERFORM pg_catalog.pg_notify('herder_jobs', '');
     RETURN true;
 END;
 $$;
@@ -398,15 +462,22 @@ CREATE POLICY jobs_own_read ON herder.jobs FOR SELECT TO herder_submitter
 DROP POLICY IF EXISTS jobs_own_insert ON herder.jobs;
 CREATE POLICY jobs_own_insert ON herder.jobs FOR INSERT TO herder_submitter
     WITH CHECK (owner = current_user AND status IN ('PREPARING', 'UNVERIFIED'));
+-- A verifier sees the jobs it is asked to approve (and nothing lets it write them: it
+-- verifies through verify_job).
+DROP POLICY IF EXISTS jobs_verifier_read ON herder.jobs;
+CREATE POLICY jobs_verifier_read ON herder.jobs FOR SELECT TO herder_verifier
+    USING (true);
 DROP POLICY IF EXISTS tasks_own_read ON herder.tasks;
 CREATE POLICY tasks_own_read ON herder.tasks FOR SELECT TO herder_submitter
     USING (EXISTS (SELECT 1 FROM herder.jobs j WHERE j.id = job_id AND j.owner = current_user));
 
-GRANT USAGE ON SCHEMA herder TO herder_submitter, herder_worker;
+GRANT USAGE ON SCHEMA herder TO herder_submitter, herder_worker, herder_verifier;
 GRANT SELECT ON herder.jobs, herder.tasks, herder.job_progress, herder.settings,
     herder.schema_version TO herder_submitter, herder_worker;
+GRANT SELECT ON herder.jobs, herder.settings TO herder_verifier;
 GRANT INSERT (kind, payload, priority, status) ON herder.jobs TO herder_submitter;
 GRANT INSERT, UPDATE, DELETE ON herder.jobs, herder.tasks TO herder_worker;
+GRANT SELECT, INSERT, UPDATE, DELETE ON herder.finish_hooks TO herder_worker;
 
 REVOKE ALL ON FUNCTION herder.verify_job(bigint), herder.cancel_job(bigint),
     herder.resume_job(bigint), herder.retry_job(bigint), herder.restart_job(bigint)
@@ -414,5 +485,6 @@ REVOKE ALL ON FUNCTION herder.verify_job(bigint), herder.cancel_job(bigint),
 GRANT EXECUTE ON FUNCTION herder.verify_job(bigint), herder.cancel_job(bigint),
     herder.resume_job(bigint), herder.retry_job(bigint), herder.restart_job(bigint)
     TO herder_submitter, herder_worker;
+GRANT EXECUTE ON FUNCTION herder.verify_job(bigint) TO herder_verifier;
 
 INSERT INTO herder.schema_version (version) VALUES (1) ON CONFLICT DO NOTHING;
