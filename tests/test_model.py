@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from herder import db
+from herder.sql import QUERIES as Q
 from herder.states import JOB_FINISHED, JOB_RUNS_TASKS, TASK_ACTIVE, JobStatus, TaskCounts, settle
 from herder.store import ClaimedTask, Outcome, PreparationClaim, Store
 
@@ -43,7 +44,12 @@ class HerderModel(RuleBasedStateMachine):
         super().__init__()
         self.run = self.env.run
         self.store = self.env.store
-        self.run(self.store.pool.execute("TRUNCATE herder.jobs, herder.tasks, herder.finish_hooks"))
+        self.run(
+            self.store.pool.execute(
+                "TRUNCATE herder.jobs, herder.tasks, herder.finish_hooks, herder.job_counts, "
+                "herder.job_count_deltas"
+            )
+        )
         self.held: dict[int, ClaimedTask] = {}
         self.stale: list[ClaimedTask] = []  # held by a worker that "died"
         self.half_prepared: list[tuple[PreparationClaim, int]] = []
@@ -66,6 +72,8 @@ class HerderModel(RuleBasedStateMachine):
         job = self.run(self.store.claim_preparation(WORKER, 30))
         if job is None:
             return
+        if job.stale_tasks:
+            self.run(self.store.discard_stale_tasks(job.id, batch=2))
         total = job.payload["tasks"]
         rows = [(job.id, seq, {"i": seq}) for seq in range(job.prepared, total)]
         if split and len(rows) > 1:
@@ -159,10 +167,27 @@ class HerderModel(RuleBasedStateMachine):
             self.run(self.store.complete_tasks([outcome]))
         self.run(self.store.settle(stopped))
 
+    @rule(window=st.integers(1, 3))
+    def reopen_a_little(self, window: int) -> None:
+        """One window of each resumed or retried job reopened (the daemon does them all)."""
+        for job in self.run(self.store.pool.fetch(Q["reopening_jobs"], 10)):
+            self.run(
+                self.store.pool.fetchrow(
+                    Q["reopen_batch"], job["id"], job["reopen_from"], window, job["reopening"]
+                )
+            )
+
+    @rule(batch=st.integers(1, 4))
+    def fold_counts(self, batch: int) -> None:
+        self.run(self.store.fold_counts(batch))
+
     @rule()
     def sweep(self) -> None:
         """The daemon's periodic safety net. Afterwards no job may be stuck: every job
         still PENDING, IN_PROGRESS or CANCELING has a task that is pending or running."""
+        self.run(self.store.reopen_tasks(window=2))
+        for job_id in self.run(self.store.stale_jobs()):
+            self.run(self.store.discard_stale_tasks(job_id, batch=2))
         self.run(self.store.settle(None))
         stuck = self.run(
             self.store.pool.fetch(
@@ -216,6 +241,25 @@ class HerderModel(RuleBasedStateMachine):
                     assert expected is not None and expected.status is status, row
             else:
                 assert row["ended_at"] is None, row
+
+    @invariant()
+    def counts_equal_a_recount(self) -> None:
+        """The per-job counts kept with the writes equal counting the tasks."""
+        rows = self.run(
+            self.store.pool.fetch(
+                "SELECT j.id, (SELECT row(c.*)::text FROM herder.task_counts(j.id) c) AS kept,"
+                " (SELECT row(count(*) FILTER (WHERE t.status = 'PENDING'),"
+                "  count(*) FILTER (WHERE t.status = 'IN_PROGRESS'),"
+                "  count(*) FILTER (WHERE t.status = 'SUCCESS'),"
+                "  count(*) FILTER (WHERE t.status = 'WARNING'),"
+                "  count(*) FILTER (WHERE t.status = 'FAILURE'),"
+                "  count(*) FILTER (WHERE t.status = 'CANCELED'))::text"
+                "  FROM herder.tasks t WHERE t.job_id = j.id) AS recount "
+                "FROM herder.jobs j"
+            )
+        )
+        wrong = [dict(r) for r in rows if r["kept"] != r["recount"]]
+        assert wrong == [], wrong
 
     @invariant()
     def attempts_never_go_back_and_leases_match_status(self) -> None:

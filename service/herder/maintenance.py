@@ -92,6 +92,7 @@ class Maintenance:
             log.warning("rescued task of a lost worker", task_id=task_id, job_id=job_id, now=status)
         for job_id in await self.store.stale_jobs():
             await self.store.discard_stale_tasks(job_id)
+        await self.store.fold_counts()
         self.wake_all()
 
     async def _stop_what_must_stop(self) -> None:

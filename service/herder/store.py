@@ -22,6 +22,7 @@ COPY_THRESHOLD = 1000
 CANCEL_BATCH = 5000
 REOPEN_WINDOW = 5000
 DISCARD_BATCH = 5000
+FOLD_BATCH = 10_000
 #: Characters kept of a task's or job's message, and of a traceback.
 MESSAGE_LIMIT = 10_000
 TRACEBACK_LIMIT = 100_000
@@ -394,9 +395,7 @@ class Store:
             if row is None:
                 return None
             status = JobStatus(row["status"])
-            counts = TaskCounts(
-                **{r["status"].lower(): r["n"] for r in await conn.fetch(Q["task_counts"], job_id)}
-            )
+            counts = TaskCounts(**dict(await conn.fetchrow(Q["task_counts"], job_id)))
             settlement = settle(status, counts)
             if settlement is None:
                 return None
@@ -408,6 +407,19 @@ class Store:
                 settlement.status in JOB_HOOKED,
             )
         return SettledJob(job_id, row["kind"], settlement)
+
+    async def fold_counts(self, batch: int = FOLD_BATCH) -> int:
+        """Fold per-job count deltas into job_counts, a batch per transaction, unless
+        another daemon is folding; returns how many deltas were folded."""
+        folded = 0
+        while True:
+            async with self.pool.acquire() as conn, conn.transaction():
+                if not await conn.fetchval(Q["fold_counts_lock"]):
+                    return folded
+                done: int = await conn.fetchval(Q["fold_counts"], batch)
+            folded += done
+            if done < batch:
+                return folded
 
     async def claim_finish_hook(
         self, kinds: list[str], lease: float, runner: str

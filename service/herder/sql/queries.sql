@@ -337,7 +337,40 @@ SELECT (SELECT reopening IS NULL FROM job) AS done,
 FROM job;
 
 -- name: task_counts
-SELECT status, count(*)::bigint AS n FROM herder.tasks WHERE job_id = $1 GROUP BY status;
+-- The job's counts (see job_counts in schema.sql): never a scan of its tasks.
+SELECT pending, in_progress, success, warning, failure, canceled FROM herder.task_counts($1);
+
+-- name: fold_counts_lock
+-- One folder at a time: two folding the same jobs' rows could deadlock.
+SELECT pg_try_advisory_xact_lock(7522537978313121793);
+
+-- name: fold_counts
+-- Up to $1 deltas added into job_counts and deleted, in one transaction. Deltas of jobs
+-- deleted meanwhile are dropped; the jobs kept are locked against deletion until commit.
+WITH folding AS (
+    DELETE FROM herder.job_count_deltas d
+    WHERE d.ctid = ANY (ARRAY(SELECT ctid FROM herder.job_count_deltas LIMIT $1))
+    RETURNING d.*
+), summed AS (
+    SELECT f.job_id, sum(f.pending) AS pending, sum(f.in_progress) AS in_progress,
+           sum(f.success) AS success, sum(f.warning) AS warning, sum(f.failure) AS failure,
+           sum(f.canceled) AS canceled, count(*) AS deltas
+    FROM folding f GROUP BY f.job_id
+), alive AS (
+    SELECT s.* FROM summed s JOIN herder.jobs j ON j.id = s.job_id
+    ORDER BY s.job_id
+    FOR KEY SHARE OF j
+), folded AS (
+    INSERT INTO herder.job_counts AS c
+        (job_id, pending, in_progress, success, warning, failure, canceled)
+    SELECT job_id, pending, in_progress, success, warning, failure, canceled FROM alive
+    ON CONFLICT (job_id) DO UPDATE
+    SET pending = c.pending + excluded.pending,
+        in_progress = c.in_progress + excluded.in_progress,
+        success = c.success + excluded.success, warning = c.warning + excluded.warning,
+        failure = c.failure + excluded.failure, canceled = c.canceled + excluded.canceled
+)
+SELECT coalesce(sum(deltas), 0)::bigint FROM summed;
 
 -- name: apply_settlement
 -- With $4, the settlement also queues its on_finished run (the outbox row commits with

@@ -141,6 +141,11 @@ CREATE INDEX IF NOT EXISTS tasks_pending_idx ON herder.tasks (job_id, seq)
 CREATE INDEX IF NOT EXISTS tasks_running_idx ON herder.tasks (job_id)
     WHERE status = 'IN_PROGRESS';
 CREATE INDEX IF NOT EXISTS tasks_job_idx ON herder.tasks (job_id, seq);
+-- The failures and warnings `herder show` lists, newest first: a job's few problems
+-- without walking its million successes.
+CREATE INDEX IF NOT EXISTS tasks_problems_idx
+    ON herder.tasks (job_id, ended_at DESC NULLS LAST, id DESC)
+    WHERE status IN ('FAILURE', 'WARNING');
 -- A BRIN index cannot narrow a job whose rows moved (every update writes a new version
 -- wherever there is room): the B-tree above replaces it.
 DROP INDEX IF EXISTS herder.tasks_job_brin;
@@ -217,18 +222,158 @@ DROP TRIGGER IF EXISTS jobs_limits ON herder.jobs;
 CREATE TRIGGER jobs_limits BEFORE INSERT OR UPDATE OF payload, priority, prepared ON herder.jobs
     FOR EACH ROW EXECUTE FUNCTION herder.check_job_limits();
 
+-- ---------------------------------------------------------------- per-job counts
+
+-- Each job's tasks by status, kept with the writes that change them, so that settlement,
+-- progress and `herder show` cost the same for any job whatever the table holds.
+--
+-- Writers only append: a statement-level trigger on tasks adds one row per job per
+-- statement to job_count_deltas (a claim of 1,000 tasks of one job is one row, never
+-- one per task). Appending takes no lock another writer waits for: daemons claiming and
+-- completing the same big job never queue on a counts row, and no lock order between
+-- jobs can deadlock. One daemon at a time (an advisory lock) folds the deltas into
+-- job_counts. A job's counts are its job_counts row plus its unfolded deltas
+-- (herder.task_counts), exact in any snapshot: a delta commits with its task writes,
+-- and a fold deletes deltas and adds them up in one transaction.
+CREATE TABLE IF NOT EXISTS herder.job_count_deltas (
+    job_id      bigint NOT NULL,
+    pending     int NOT NULL,
+    in_progress int NOT NULL,
+    success     int NOT NULL,
+    warning     int NOT NULL,
+    failure     int NOT NULL,
+    canceled    int NOT NULL
+);
+CREATE INDEX IF NOT EXISTS job_count_deltas_job_idx ON herder.job_count_deltas (job_id);
+-- A queue of its own: every row is deleted within seconds of its insertion.
+ALTER TABLE herder.job_count_deltas SET (autovacuum_vacuum_scale_factor = 0.0,
+    autovacuum_vacuum_threshold = 10000, autovacuum_vacuum_insert_scale_factor = 0.0,
+    autovacuum_vacuum_insert_threshold = 10000);
+
+DO $$
+BEGIN
+    IF to_regclass('herder.job_counts') IS NULL THEN
+        CREATE TABLE herder.job_counts (
+            job_id      bigint PRIMARY KEY REFERENCES herder.jobs ON DELETE CASCADE,
+            pending     bigint NOT NULL DEFAULT 0,
+            in_progress bigint NOT NULL DEFAULT 0,
+            success     bigint NOT NULL DEFAULT 0,
+            warning     bigint NOT NULL DEFAULT 0,
+            failure     bigint NOT NULL DEFAULT 0,
+            canceled    bigint NOT NULL DEFAULT 0
+        );
+        -- A database of an earlier version: count what is there once (under migrate's
+        -- lock; the trigger below counts every write from here on).
+        INSERT INTO herder.job_counts
+        SELECT job_id,
+               count(*) FILTER (WHERE status = 'PENDING'),
+               count(*) FILTER (WHERE status = 'IN_PROGRESS'),
+               count(*) FILTER (WHERE status = 'SUCCESS'),
+               count(*) FILTER (WHERE status = 'WARNING'),
+               count(*) FILTER (WHERE status = 'FAILURE'),
+               count(*) FILTER (WHERE status = 'CANCELED')
+        FROM herder.tasks GROUP BY job_id;
+    END IF;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION herder.count_task_changes() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO herder.job_count_deltas
+        SELECT job_id,
+               count(*) FILTER (WHERE status = 'PENDING'),
+               count(*) FILTER (WHERE status = 'IN_PROGRESS'),
+               count(*) FILTER (WHERE status = 'SUCCESS'),
+               count(*) FILTER (WHERE status = 'WARNING'),
+               count(*) FILTER (WHERE status = 'FAILURE'),
+               count(*) FILTER (WHERE status = 'CANCELED')
+        FROM new_rows GROUP BY job_id;
+    ELSIF TG_OP = 'DELETE' THEN
+        INSERT INTO herder.job_count_deltas
+        SELECT job_id,
+               -count(*) FILTER (WHERE status = 'PENDING'),
+               -count(*) FILTER (WHERE status = 'IN_PROGRESS'),
+               -count(*) FILTER (WHERE status = 'SUCCESS'),
+               -count(*) FILTER (WHERE status = 'WARNING'),
+               -count(*) FILTER (WHERE status = 'FAILURE'),
+               -count(*) FILTER (WHERE status = 'CANCELED')
+        FROM old_rows GROUP BY job_id;
+    ELSE
+        -- Lease renewals change no status: nothing is written for them.
+        INSERT INTO herder.job_count_deltas
+        SELECT job_id, sum(p), sum(i), sum(s), sum(w), sum(f), sum(c)
+        FROM (
+            SELECT job_id, (status = 'PENDING')::int AS p, (status = 'IN_PROGRESS')::int AS i,
+                   (status = 'SUCCESS')::int AS s, (status = 'WARNING')::int AS w,
+                   (status = 'FAILURE')::int AS f, (status = 'CANCELED')::int AS c
+            FROM new_rows
+            UNION ALL
+            SELECT job_id, -(status = 'PENDING')::int, -(status = 'IN_PROGRESS')::int,
+                   -(status = 'SUCCESS')::int, -(status = 'WARNING')::int,
+                   -(status = 'FAILURE')::int, -(status = 'CANCELED')::int
+            FROM old_rows
+        ) change
+        GROUP BY job_id
+        HAVING sum(p) <> 0 OR sum(i) <> 0 OR sum(s) <> 0 OR sum(w) <> 0 OR sum(f) <> 0
+            OR sum(c) <> 0;
+    END IF;
+    RETURN NULL;
+END;
+$$;
+
+DROP TRIGGER IF EXISTS tasks_counted_insert ON herder.tasks;
+CREATE TRIGGER tasks_counted_insert AFTER INSERT ON herder.tasks
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION herder.count_task_changes();
+DROP TRIGGER IF EXISTS tasks_counted_update ON herder.tasks;
+CREATE TRIGGER tasks_counted_update AFTER UPDATE ON herder.tasks
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION herder.count_task_changes();
+DROP TRIGGER IF EXISTS tasks_counted_delete ON herder.tasks;
+CREATE TRIGGER tasks_counted_delete AFTER DELETE ON herder.tasks
+    REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION herder.count_task_changes();
+-- Preparation loads with session_replication_role = replica (no per-row foreign key
+-- check; see Store.write_tasks): these must fire all the same.
+ALTER TABLE herder.tasks ENABLE ALWAYS TRIGGER tasks_counted_insert;
+ALTER TABLE herder.tasks ENABLE ALWAYS TRIGGER tasks_counted_update;
+ALTER TABLE herder.tasks ENABLE ALWAYS TRIGGER tasks_counted_delete;
+
+-- A job's counts: its folded row plus its deltas not yet folded. Readable by whoever may
+-- see the job (the owner, daemons, verifiers, superusers), like the job itself.
+CREATE OR REPLACE FUNCTION herder.task_counts(job bigint)
+RETURNS TABLE (pending bigint, in_progress bigint, success bigint, warning bigint,
+               failure bigint, canceled bigint)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce(sum(x.pending), 0)::bigint, coalesce(sum(x.in_progress), 0)::bigint,
+           coalesce(sum(x.success), 0)::bigint, coalesce(sum(x.warning), 0)::bigint,
+           coalesce(sum(x.failure), 0)::bigint, coalesce(sum(x.canceled), 0)::bigint
+    FROM (
+        SELECT c.pending, c.in_progress, c.success, c.warning, c.failure, c.canceled
+        FROM herder.job_counts c WHERE c.job_id = task_counts.job
+        UNION ALL
+        SELECT d.pending, d.in_progress, d.success, d.warning, d.failure, d.canceled
+        FROM herder.job_count_deltas d WHERE d.job_id = task_counts.job
+    ) x
+    WHERE EXISTS (
+        SELECT 1 FROM herder.jobs j
+        WHERE j.id = task_counts.job
+          AND (j.owner = session_user
+               OR pg_catalog.pg_has_role(session_user, 'herder_worker', 'MEMBER')
+               OR pg_catalog.pg_has_role(session_user, 'herder_verifier', 'MEMBER')
+               OR (SELECT r.rolsuper FROM pg_catalog.pg_roles r
+                   WHERE r.rolname = session_user))
+    );
+$$;
+
 CREATE OR REPLACE VIEW herder.job_progress WITH (security_invoker = true) AS
 SELECT j.id AS job_id,
-       count(t.id) AS total,
-       count(t.id) FILTER (WHERE t.status = 'PENDING') AS pending,
-       count(t.id) FILTER (WHERE t.status = 'IN_PROGRESS') AS in_progress,
-       count(t.id) FILTER (WHERE t.status = 'SUCCESS') AS success,
-       count(t.id) FILTER (WHERE t.status = 'WARNING') AS warning,
-       count(t.id) FILTER (WHERE t.status = 'FAILURE') AS failure,
-       count(t.id) FILTER (WHERE t.status = 'CANCELED') AS canceled
+       c.pending + c.in_progress + c.success + c.warning + c.failure + c.canceled AS total,
+       c.pending, c.in_progress, c.success, c.warning, c.failure, c.canceled
 FROM herder.jobs j
-LEFT JOIN herder.tasks t ON t.job_id = j.id
-GROUP BY j.id;
+CROSS JOIN LATERAL herder.task_counts(j.id) c;
 
 -- Claim up to `batch` tasks for a worker. Claimable means: the task is PENDING and due,
 -- and its job is PENDING or IN_PROGRESS in the same snapshot. A job that is still
@@ -477,7 +622,11 @@ GRANT SELECT ON herder.jobs, herder.tasks, herder.job_progress, herder.settings,
 GRANT SELECT ON herder.jobs, herder.settings TO herder_verifier;
 GRANT INSERT (kind, payload, priority, status) ON herder.jobs TO herder_submitter;
 GRANT INSERT, UPDATE, DELETE ON herder.jobs, herder.tasks TO herder_worker;
-GRANT SELECT, INSERT, UPDATE, DELETE ON herder.finish_hooks TO herder_worker;
+GRANT SELECT, INSERT, UPDATE, DELETE ON herder.finish_hooks, herder.job_counts,
+    herder.job_count_deltas TO herder_worker;
+REVOKE ALL ON FUNCTION herder.task_counts(bigint) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION herder.task_counts(bigint)
+    TO herder_submitter, herder_worker, herder_verifier;
 
 REVOKE ALL ON FUNCTION herder.verify_job(bigint), herder.cancel_job(bigint),
     herder.resume_job(bigint), herder.retry_job(bigint), herder.restart_job(bigint)
