@@ -1,27 +1,24 @@
-"""The coordinator: claims PREPARING jobs and fans them out into tasks.
+"""The coordinator: claims PREPARING jobs and has them prepared (see preparation.py).
 
-Tasks are written in COPY batches while ``prepare`` runs, so memory stays bounded, but
-they cannot start early: the claim query only joins jobs that are PENDING or IN_PROGRESS,
-and the job becomes PENDING in the transaction that writes the last batch.
+Many preparations run at once, as coroutines: a small one (its whole prepare fits one
+batch) is committed together with other small ones, so a stream of small jobs moves at
+the speed of a few statements per hundred jobs, and never waits behind a long
+preparation. A long one takes one of ``max_preparations`` long slots for its ordered,
+batched loading.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import asyncpg
 import structlog
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from herder.db import Undecodable, encode_json
+from herder.db import Undecodable
 from herder.kinds import (
-    KIND_CODE_ERRORS,
     InvalidPayload,
     JobContext,
     Kind,
@@ -29,13 +26,19 @@ from herder.kinds import (
     get_kind,
     known_kinds,
     message_of,
+    runs_finish_hook,
 )
 from herder.metrics import Metrics
+from herder.preparation import PrepareRaised, SmallJobs, batches, write_in_order
 from herder.resilience import TRANSIENT, keep_renewing
 from herder.signals import Wakeup
-from herder.store import PreparationClaim, Store
+from herder.store import PreparationClaim, SmallPreparation, Store
 
 log = structlog.get_logger("herder.coordinator")
+
+#: Preparations held at once (claimed in one statement when that many are free): small
+#: ones are mostly waiting on the database, so many can overlap.
+MAX_HELD_PREPARATIONS = 32
 
 
 class Coordinator:
@@ -59,7 +62,9 @@ class Coordinator:
         self.batch_size = batch_size
         self.flush_seconds = flush_seconds
         self.wakeup = Wakeup()
-        self._slots = anyio.Semaphore(max_preparations)
+        self._intake = anyio.Semaphore(MAX_HELD_PREPARATIONS)
+        self._long_slots = anyio.Semaphore(max_preparations)
+        self._small_jobs = SmallJobs(store, name)
         #: Preparations this daemon holds, by (job id, generation): a job canceled and
         #: resumed while its old preparation winds down is held twice, under two keys.
         self._held: dict[tuple[int, int], PreparationClaim] = {}
@@ -82,20 +87,28 @@ class Coordinator:
     async def run(self) -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(keep_renewing, "preparation leases", self._renew, self.lease / 3)
+            tg.start_soon(self._small_jobs.run)
             while not self._stopping:
-                await self._slots.acquire()
+                # Claim as many as there are free places, in one statement.
+                await self._intake.acquire()
+                places = 1
+                while self._intake.value and places < MAX_HELD_PREPARATIONS:
+                    self._intake.acquire_nowait()
+                    places += 1
                 try:
-                    job = await self.store.claim_preparation(self.name, self.lease)
+                    jobs = await self.store.claim_preparations(self.name, self.lease, places)
                 except BaseException:
-                    self._slots.release()
+                    for _ in range(places):
+                        self._intake.release()
                     raise
-                if job is None:
-                    self._slots.release()
+                for _ in range(places - len(jobs)):
+                    self._intake.release()
+                for job in jobs:
+                    self._held[job.key] = job
+                    self._scopes[job.key] = anyio.CancelScope()
+                    tg.start_soon(self._prepare_in_slot, job)
+                if len(jobs) < places:
                     await self.wakeup.wait(self.poll_interval)
-                    continue
-                self._held[job.key] = job
-                self._scopes[job.key] = anyio.CancelScope()
-                tg.start_soon(self._prepare_in_slot, job)
             tg.cancel_scope.cancel()
 
     async def _renew(self) -> bool:
@@ -137,7 +150,7 @@ class Coordinator:
         finally:
             del self._scopes[job.key]
             del self._held[job.key]
-            self._slots.release()
+            self._intake.release()
 
     async def _hand_back(self, job: PreparationClaim, *, timeout: float) -> None:
         """Release a preparation for another claim; if the database does not answer,
@@ -174,7 +187,7 @@ class Coordinator:
         started = time.monotonic()
         try:
             total = await self._write_tasks(job, kind, context)
-        except _PrepareRaised as raised:
+        except PrepareRaised as raised:
             exc = raised.__cause__
             bound.error("prepare raised", exc_info=exc)
             await self._fail(job, f"prepare failed: {describe(exc)}", bound)
@@ -196,8 +209,12 @@ class Coordinator:
             self.metrics.settled(await self.store.settle([job.id]))
 
     async def _fail(
-        self, job: PreparationClaim, message: str, bound: Any, *, run_hook: bool = True
+        self, job: PreparationClaim, message: str, bound: Any, *, run_hook: bool | None = None
     ) -> None:
+        """Fail the job (if this preparation still holds it), then delete what it wrote.
+        Its on_finished runs unless ``run_hook`` says otherwise or the kind has none."""
+        if run_hook is None:
+            run_hook = runs_finish_hook(job.kind)
         bound.warning("job failed", reason=message)
         if await self.store.fail_preparation(job, self.name, message, run_hook=run_hook):
             await self.store.discard_stale_tasks(job.id)
@@ -205,171 +222,33 @@ class Coordinator:
     async def _write_tasks(
         self, job: PreparationClaim, kind: Kind, context: JobContext
     ) -> int | None:
-        """Run prepare and commit its payloads in batches. Returns the task count, or
-        None when the job stopped being ours.
-
-        Batches are built while earlier ones are loading, and up to LOADING_BATCHES load
-        at once on their own connections, so the kind's code and the database (both of
-        its cores, on a small machine) work at the same time. They still commit one
-        after another, in order (see _OrderedWriter).
-        """
-        writer = _OrderedWriter(self, job, kind)
-        send, receive = anyio.create_memory_object_stream[_Batch](1)
-        try:
-            async with anyio.create_task_group() as writing:
-                async with receive:
-                    for _ in range(LOADING_BATCHES):
-                        writing.start_soon(writer.run, receive.clone(), writing.cancel_scope)
-                async with send:
-                    total = await self._build_batches(job, kind, context, send)
-        except BaseExceptionGroup as group:
-            # One task failed (the others were cancelled): raise what it raised.
-            if len(group.exceptions) == 1:
-                raise group.exceptions[0]  # noqa: B904 (from would replace its __cause__)
-            raise
-        return total if writer.held else None
-
-    async def _build_batches(
-        self,
-        job: PreparationClaim,
-        kind: Kind,
-        context: JobContext,
-        batches: MemoryObjectSendStream[_Batch],
-    ) -> int:
-        seq = job.prepared
-        to_skip = 0 if kind.prepare_resumes else job.prepared
-        rows: list[tuple[int, int, bytes]] = []
-        last_flush = time.monotonic()
-        previous: anyio.Event | None = None
-        async for payload in _kind_code(kind, context):
-            if to_skip:
-                to_skip -= 1
-                continue
-            if seq >= context.max_tasks:
-                # Limits before work: stop at the first task past the limit, not after
-                # the database has taken millions of rows.
-                raise InvalidPayload(
-                    f"the job has more than {context.max_tasks} tasks "
-                    "(herder.settings max_tasks_per_job)"
-                )
-            rows.append((job.id, seq, _encoded(payload, seq)))
-            seq += 1
-            if len(rows) >= self.batch_size or (
-                time.monotonic() - last_flush >= self.flush_seconds
-            ):
-                batch = _Batch(rows, seq - len(rows), last=False, previous=previous)
-                await batches.send(batch)
-                previous = batch.through
-                rows = []
-                last_flush = time.monotonic()
-        await batches.send(_Batch(rows, seq - len(rows), last=True, previous=previous))
-        return seq
-
-
-#: Batches of one preparation loading at the same time, each on its own connection.
-LOADING_BATCHES = 2
-
-
-@dataclass(slots=True)
-class _Batch:
-    rows: list[tuple[int, int, bytes]]
-    #: jobs.prepared before this batch: the batch commits only over exactly this count.
-    first: int
-    #: The last batch: it commits the job PENDING.
-    last: bool
-    #: Set once the batch before this one is through (None: this is the first).
-    previous: anyio.Event | None
-    through: anyio.Event = field(default_factory=anyio.Event)
-
-
-class _OrderedWriter:
-    """Loads a preparation's batches on several connections and commits them in order.
-
-    Each batch's rows go in (COPY) as soon as a connection is free, but its transaction
-    commits only after the batch before it is through, and the database checks that
-    order again (write_batch commits over `prepared` equal to the batch's start). So
-    `jobs.prepared` always counts a gap-free prefix of committed tasks, however the loads
-    interleave, and a batch after one that failed or found the job gone rolls back.
-    """
-
-    def __init__(self, coordinator: Coordinator, job: PreparationClaim, kind: Kind) -> None:
-        self.store = coordinator.store
-        self.name = coordinator.name
-        self.lease = coordinator.lease
-        self.job = job
-        self.max_attempts = kind.max_attempts
-        self.tally = coordinator.metrics.tasks_prepared.labels(job.kind)
-        #: False once a batch found the job no longer ours.
-        self.held = True
-
-    async def run(
-        self, batches: MemoryObjectReceiveStream[_Batch], stop: anyio.CancelScope
-    ) -> None:
-        async with batches:
-            async for batch in batches:
-                written = await self.store.write_tasks(
-                    self.job,
+        """Run prepare and commit its tasks: with other small jobs when the whole of it
+        fits the first batch, else batch by batch in a long slot. Returns the task count,
+        or None when the job stopped being ours."""
+        async with contextlib.aclosing(
+            batches(
+                job,
+                kind,
+                context,
+                batch_size=self.batch_size,
+                flush_seconds=self.flush_seconds,
+            )
+        ) as built:
+            first = await anext(built)
+            if first.last and job.prepared == 0 and not job.stale_tasks:
+                small = SmallPreparation(job, first.rows, kind.max_attempts)
+                if not await self._small_jobs.commit(small):
+                    return None
+                self.metrics.tasks_prepared.labels(job.kind).inc(len(first.rows))
+                return len(first.rows)
+            async with self._long_slots:
+                return await write_in_order(
+                    self.store,
                     self.name,
-                    batch.rows,
-                    batch.first,
                     self.lease,
-                    turn=functools.partial(self._turn, batch.previous),
-                    finish_max_attempts=self.max_attempts if batch.last else None,
+                    job,
+                    kind,
+                    self.metrics.tasks_prepared.labels(job.kind),
+                    first,
+                    built,
                 )
-                if not written:
-                    self.held = False
-                batch.through.set()
-                if not self.held:
-                    stop.cancel()  # the job was canceled, restarted or taken over
-                    return
-                self.tally.inc(len(batch.rows))
-
-    async def _turn(self, previous: anyio.Event | None) -> bool:
-        """Wait for the batch before to be through; may this one commit?"""
-        if previous is not None:
-            await previous.wait()
-        return self.held
-
-
-class _PrepareRaised(Exception):
-    """The kind's prepare raised (the cause): the job fails. Kept apart from errors of
-    herder's own writes, which may only mean the database is briefly away.
-    (InvalidPayload passes through unwrapped: its message is the job's message.)"""
-
-
-async def _kind_code(kind: Kind, context: JobContext) -> AsyncIterator[Any]:
-    """The kind's prepare, with everything it raises (SystemExit and the like included)
-    wrapped in _PrepareRaised: the kind's code fails its job, never the daemon."""
-    try:
-        payloads = kind.prepare_fn(context)
-        iterator = aiter(payloads)
-    except InvalidPayload:
-        raise
-    except KIND_CODE_ERRORS as exc:
-        raise _PrepareRaised from exc
-    try:
-        while True:
-            try:
-                payload = await anext(iterator)
-            except StopAsyncIteration:
-                return
-            except InvalidPayload:
-                raise
-            except KIND_CODE_ERRORS as exc:
-                raise _PrepareRaised from exc
-            yield payload
-    finally:
-        aclose = getattr(iterator, "aclose", None)
-        if aclose is not None:
-            with contextlib.suppress(*KIND_CODE_ERRORS):
-                await aclose()
-
-
-def _encoded(payload: Any, seq: int) -> bytes:
-    """Serialise once: this both validates the payload and is what COPY sends."""
-    try:
-        return encode_json(payload)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise InvalidPayload(
-            f"prepare yielded a task payload that is not JSON (task {seq}): {exc}"
-        ) from exc

@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from herder.db import Pool, storable_text
+from herder.kinds import runs_finish_hook
 from herder.sql import QUERIES as Q
 from herder.states import JOB_HOOKED, JobStatus, Settlement, TaskCounts, settle
 
@@ -23,6 +24,8 @@ CANCEL_BATCH = 5000
 REOPEN_WINDOW = 5000
 DISCARD_BATCH = 5000
 FOLD_BATCH = 10_000
+#: Jobs locked and settled by one transaction.
+SETTLE_BATCH = 500
 #: Characters kept of a task's or job's message, and of a traceback.
 MESSAGE_LIMIT = 10_000
 TRACEBACK_LIMIT = 100_000
@@ -46,6 +49,16 @@ class PreparationClaim:
     @property
     def key(self) -> tuple[int, int]:
         return (self.id, self.generation)
+
+
+@dataclass(frozen=True, slots=True)
+class SmallPreparation:
+    """A whole preparation that fits one batch, committed with others (see
+    write_small_preparations)."""
+
+    claim: PreparationClaim
+    rows: Sequence[tuple[int, int, bytes]]
+    max_attempts: int
 
 
 @dataclass(slots=True)
@@ -137,9 +150,43 @@ class Store:
 
     # ------------------------------------------------------------ preparation
 
+    async def claim_preparations(
+        self, preparer: str, lease: float, limit: int = 1
+    ) -> list[PreparationClaim]:
+        """Up to ``limit`` PREPARING jobs nobody holds, in priority order."""
+        rows = await self.pool.fetch(Q["claim_preparations"], preparer, lease, limit)
+        claims = [PreparationClaim(**dict(r)) for r in rows]
+        claims.sort(key=lambda c: (-c.priority, c.id))
+        return claims
+
     async def claim_preparation(self, preparer: str, lease: float) -> PreparationClaim | None:
-        row = await self.pool.fetchrow(Q["claim_preparation"], preparer, lease)
-        return None if row is None else PreparationClaim(**dict(row))
+        claims = await self.claim_preparations(preparer, lease, 1)
+        return claims[0] if claims else None
+
+    async def write_small_preparations(
+        self, jobs: Sequence[SmallPreparation], preparer: str
+    ) -> set[int]:
+        """Commit whole preparations, each job's tasks and its PENDING status, in one
+        statement; returns the ids of the jobs written (the others are no longer held by
+        these preparations)."""
+        job_ids, seqs, payloads = [], [], []
+        for job in jobs:
+            for job_id, seq, payload in job.rows:
+                job_ids.append(job_id)
+                seqs.append(seq)
+                payloads.append(payload)
+        rows = await self.pool.fetch(
+            Q["write_small_preparations"],
+            [j.claim.id for j in jobs],
+            [j.claim.generation for j in jobs],
+            [j.max_attempts for j in jobs],
+            [len(j.rows) for j in jobs],
+            preparer,
+            job_ids,
+            seqs,
+            payloads,
+        )
+        return {r["id"] for r in rows}
 
     async def write_tasks(
         self,
@@ -352,13 +399,14 @@ class Store:
         ids = None if job_ids is None else sorted(set(job_ids))
         if ids == []:
             return []
-        settled = []
+        candidates = []
         for row in await self.pool.fetch(Q["settle_candidates"], ids):
             if row["status"] == JobStatus.CANCELING:
                 await self.cancel_pending_tasks(row["id"])
-            done = await self._settle_one(row["id"])
-            if done is not None:
-                settled.append(done)
+            candidates.append(row["id"])
+        settled: list[SettledJob] = []
+        for start in range(0, len(candidates), SETTLE_BATCH):
+            settled += await self._settle_batch(candidates[start : start + SETTLE_BATCH])
         return settled
 
     async def cancel_pending_tasks(self, job_id: int, batch: int = CANCEL_BATCH) -> int:
@@ -389,24 +437,36 @@ class Store:
                 start += window
         return reopened
 
-    async def _settle_one(self, job_id: int) -> SettledJob | None:
+    async def _settle_batch(self, job_ids: list[int]) -> list[SettledJob]:
+        """Lock the jobs, read their counts, and settle those that can: four round trips
+        for the whole batch (a job is locked only when it looked finished)."""
         async with self.pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(Q["lock_for_settlement"], job_id)
-            if row is None:
-                return None
-            status = JobStatus(row["status"])
-            counts = TaskCounts(**dict(await conn.fetchrow(Q["task_counts"], job_id)))
-            settlement = settle(status, counts)
-            if settlement is None:
-                return None
-            await conn.execute(
-                Q["apply_settlement"],
-                job_id,
-                settlement.status.value,
-                settlement.message,
-                settlement.status in JOB_HOOKED,
-            )
-        return SettledJob(job_id, row["kind"], settlement)
+            locked = await conn.fetch(Q["lock_for_settlement"], job_ids)
+            if not locked:
+                return []
+            counts = {
+                r["id"]: TaskCounts(*list(r.values())[1:])
+                for r in await conn.fetch(Q["task_counts"], [r["id"] for r in locked])
+            }
+            settled = []
+            for row in locked:
+                settlement = settle(JobStatus(row["status"]), counts[row["id"]])
+                if settlement is not None:
+                    settled.append(SettledJob(row["id"], row["kind"], settlement))
+            if settled:
+                announced = [s.settlement.status in JOB_HOOKED for s in settled]
+                await conn.execute(
+                    Q["apply_settlements"],
+                    [s.id for s in settled],
+                    [s.settlement.status.value for s in settled],
+                    [s.settlement.message for s in settled],
+                    [
+                        a and runs_finish_hook(s.kind)
+                        for a, s in zip(announced, settled, strict=True)
+                    ],
+                    announced,
+                )
+        return settled
 
     async def fold_counts(self, batch: int = FOLD_BATCH) -> int:
         """Fold per-job count deltas into job_counts, a batch per transaction, unless

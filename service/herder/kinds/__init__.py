@@ -236,6 +236,13 @@ def check_kinds() -> None:
             )
 
 
+def runs_finish_hook(name: str) -> bool:
+    """Whether a settlement of this kind needs an on_finished run: yes unless this daemon
+    knows the kind and it has no hook (a kind served elsewhere may have one)."""
+    kind = _REGISTRY.get(name)
+    return kind is None or kind.on_finished_fn is not None
+
+
 def get_kind(name: str) -> Kind | None:
     return _REGISTRY.get(name)
 

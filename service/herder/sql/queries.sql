@@ -3,20 +3,20 @@
 
 -- ---------------------------------------------------------------- preparation
 
--- name: claim_preparation
--- A PREPARING job nobody holds (or whose preparer's lease ran out: it died). Each claim
--- bumps the generation, which names this preparation attempt: every write it makes is
--- fenced by it, so an earlier holder (dead, slow, or this very daemon before a cancel
--- and resume) can write nothing more.
+-- name: claim_preparations
+-- Up to $3 PREPARING jobs nobody holds (or whose preparer's lease ran out: it died).
+-- Each claim bumps the generation, which names this preparation attempt: every write it
+-- makes is fenced by it, so an earlier holder (dead, slow, or this very daemon before a
+-- cancel and resume) can write nothing more.
 UPDATE herder.jobs j
 SET preparer = $1, prepare_lease_until = clock_timestamp() + make_interval(secs => $2),
     generation = j.generation + 1
-WHERE j.id = (
+WHERE j.id IN (
     SELECT id FROM herder.jobs
     WHERE status = 'PREPARING'
       AND (prepare_lease_until IS NULL OR prepare_lease_until < clock_timestamp())
     ORDER BY priority DESC, id
-    LIMIT 1
+    LIMIT $3
     FOR UPDATE SKIP LOCKED
 )
 RETURNING j.id, j.kind, j.payload, j.priority, j.owner, j.generation, j.prepared,
@@ -85,6 +85,35 @@ WITH held AS (
 )
 SELECT id, pg_notify('herder_tasks', '') FROM done;
 
+-- name: write_small_preparations
+-- Whole preparations of several jobs ($1 ids, $2 generations, $3 max_attempts, $4 task
+-- counts), each fitting one batch, in one statement: their tasks ($6 job ids, $7 seqs,
+-- $8 payloads) are written, and each job made PENDING, only for the jobs this
+-- preparation still holds, exactly as write_last_batch does for one job. Jobs locked in
+-- id order, like every multi-job lock here.
+WITH held AS (
+    SELECT j.id, h.max_attempts, h.tasks FROM herder.jobs j
+    JOIN unnest($1::bigint[], $2::int[], $3::int[], $4::int[])
+         AS h(id, generation, max_attempts, tasks)
+      ON j.id = h.id AND j.generation = h.generation
+    WHERE j.preparer = $5 AND j.status = 'PREPARING' AND j.prepared = 0
+      AND j.stale_tasks = 0
+    ORDER BY j.id
+    FOR NO KEY UPDATE OF j
+), written AS (
+    INSERT INTO herder.tasks (job_id, seq, payload)
+    SELECT b.job_id, b.seq, b.payload
+    FROM unnest($6::bigint[], $7::int[], $8::jsonb[]) AS b(job_id, seq, payload)
+    WHERE b.job_id IN (SELECT id FROM held)
+), done AS (
+    UPDATE herder.jobs j
+    SET status = 'PENDING', prepared = held.tasks, prepared_at = clock_timestamp(),
+        preparer = NULL, prepare_lease_until = NULL, max_attempts = held.max_attempts
+    FROM held WHERE j.id = held.id
+    RETURNING j.id
+)
+SELECT id, pg_notify('herder_tasks', '') FROM done;
+
 -- name: fail_preparation
 -- Fenced like a batch: only the preparation holding this generation may fail the job.
 -- The tasks it wrote become stale, deleted afterwards in batches (discard_stale_batch):
@@ -100,8 +129,7 @@ WITH failed AS (
     INSERT INTO herder.finish_hooks (job_id, status, message)
     SELECT id, status, message FROM failed WHERE $5
 )
-SELECT id, CASE WHEN $5 THEN pg_notify('herder_job_finished', id::text) END AS woke
-FROM failed;
+SELECT id, pg_notify('herder_job_finished', id::text) FROM failed;
 
 -- name: stale_tasks
 SELECT stale_tasks FROM herder.jobs WHERE id = $1;
@@ -283,9 +311,13 @@ ORDER BY j.id;
 
 -- name: lock_for_settlement
 -- The only lock on a job row taken because of task outcomes, and only when it can be the
--- last: settlement happens once, under it.
-SELECT status, kind FROM herder.jobs
-WHERE id = $1 AND status IN ('PENDING', 'IN_PROGRESS', 'CANCELING') AND reopening IS NULL
+-- last: settlement happens once, under it. In id order, so two daemons settling
+-- overlapping sets of jobs cannot deadlock. (The counts are read by the next statement,
+-- whose snapshot sees everything committed before these locks were granted.)
+SELECT id, status, kind FROM herder.jobs
+WHERE id = ANY($1::bigint[]) AND status IN ('PENDING', 'IN_PROGRESS', 'CANCELING')
+  AND reopening IS NULL
+ORDER BY id
 FOR UPDATE;
 
 -- name: cancel_pending_batch
@@ -337,8 +369,9 @@ SELECT (SELECT reopening IS NULL FROM job) AS done,
 FROM job;
 
 -- name: task_counts
--- The job's counts (see job_counts in schema.sql): never a scan of its tasks.
-SELECT pending, in_progress, success, warning, failure, canceled FROM herder.task_counts($1);
+-- The jobs' counts (see job_counts in schema.sql): never a scan of their tasks.
+SELECT j.id, c.pending, c.in_progress, c.success, c.warning, c.failure, c.canceled
+FROM unnest($1::bigint[]) AS j(id) CROSS JOIN LATERAL herder.task_counts(j.id) c;
 
 -- name: fold_counts_lock
 -- One folder at a time: two folding the same jobs' rows could deadlock.
@@ -372,20 +405,23 @@ WITH folding AS (
 )
 SELECT coalesce(sum(deltas), 0)::bigint FROM summed;
 
--- name: apply_settlement
--- With $4, the settlement also queues its on_finished run (the outbox row commits with
--- it, so no crash can lose it).
+-- name: apply_settlements
+-- Many settlements in one statement. Where $4 says so, a settlement also queues its
+-- on_finished run: the outbox row commits with it, so no crash can lose it. Every
+-- settlement to SUCCESS, WARNING or FAILURE is announced ($5), hook or not.
 WITH settled AS (
-    UPDATE herder.jobs
-    SET status = $2, message = $3, ended_at = clock_timestamp(),
-        started_at = coalesce(started_at, clock_timestamp())
-    WHERE id = $1
-    RETURNING id, status, message
+    UPDATE herder.jobs j
+    SET status = s.status, message = s.message, ended_at = clock_timestamp(),
+        started_at = coalesce(j.started_at, clock_timestamp())
+    FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bool[], $5::bool[])
+         AS s(id, status, message, hooked, announced)
+    WHERE j.id = s.id
+    RETURNING j.id, j.status, j.message, s.hooked, s.announced
 ), hooked AS (
     INSERT INTO herder.finish_hooks (job_id, status, message)
-    SELECT id, status, message FROM settled WHERE $4
+    SELECT id, status, message FROM settled WHERE hooked
 )
-SELECT pg_notify('herder_job_finished', id::text) FROM settled WHERE $4;
+SELECT pg_notify('herder_job_finished', id::text) FROM settled WHERE announced;
 
 -- name: claim_finish_hook
 -- The on_finished outbox: a settlement whose hook has not run, for a kind this daemon
