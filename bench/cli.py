@@ -77,6 +77,7 @@ def parse_args(argv: list[str] | None) -> Options:
     )
     add("--skip-procrastinate", action="store_true")
     add("--skip-herder", action="store_true", help="only procrastinate")
+    add("--only-history", action="store_true", help="herder's history phase alone")
     add(
         "--soak",
         type=int,
@@ -95,6 +96,12 @@ def parse_args(argv: list[str] | None) -> Options:
         type=float,
         default=d.daemon_task_ms,
         help="sleep in each scale-out task (%(default)s)",
+    )
+    add(
+        "--history-tasks",
+        type=int,
+        help="herder: finished tasks built before the workloads run again; 0 skips "
+        f"({d.history_tasks:,}; --full: 10M)",
     )
     add(
         "--full",
@@ -125,11 +132,15 @@ def parse_args(argv: list[str] | None) -> Options:
         latency_interval=a.latency_interval,
         skip_procrastinate=a.skip_procrastinate,
         skip_herder=a.skip_herder,
+        only_history=a.only_history,
         soak=a.soak if a.soak is not None else (3_000_000 if full else 0),
         soak_job_tasks=a.soak_job_tasks,
         daemons=a.daemons if a.daemons is not None else (3 if full else 0),
         daemon_tasks=a.daemon_tasks,
         daemon_task_ms=a.daemon_task_ms,
+        history_tasks=a.history_tasks
+        if a.history_tasks is not None
+        else (10_000_000 if full else d.history_tasks),
         full=full,
         timeout=a.timeout,
         log_level=a.log_level,
@@ -219,10 +230,18 @@ async def _run(opts: Options, server: Server, results: Results, console: Console
         async def scale_out() -> None:
             results.scale_out = await herder_runs.scale_out(server, opts, progress)
 
+        async def history_phase() -> None:
+            from bench import history
+
+            results.history = await history.history(server, opts, progress)
+
         async def soak() -> None:
             results.soak = await herder_runs.soak(server, opts, progress)
             results.herder_rss_mb["soak"] = results.soak.daemon_peak_rss_mb
 
+        if opts.only_history:
+            await phase("herder history", history_phase)
+            return
         if not opts.skip_herder:
             await phase("herder throughput/latency", herder_main)
         if not opts.skip_procrastinate:
@@ -233,6 +252,8 @@ async def _run(opts: Options, server: Server, results: Results, console: Console
             await phase("herder scale-out", scale_out)
         if not opts.skip_herder and opts.soak:
             await phase("herder soak", soak)
+        if not opts.skip_herder and opts.history_tasks:
+            await phase("herder history", history_phase)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -99,6 +99,33 @@ class Soak:
 
 
 @dataclass
+class History:
+    """The same workloads on empty tables and after ``finished_tasks`` of history."""
+
+    finished_tasks: int
+    single_task_jobs: int
+    single_rate_empty: float  # tasks (= jobs) per second
+    single_rate_after: float
+    one_job_rate_empty: float
+    one_job_rate_after: float
+    many_jobs: int
+    many_jobs_rate_empty: float
+    many_jobs_rate_after: float
+    show_ms_big_job: float  # median, the queries `herder show` runs
+    show_ms_single_task_job: float
+    per_job_plan: list[str] = field(default_factory=list)
+
+    @property
+    def single_ratio(self) -> float:
+        return self.single_rate_after / self.single_rate_empty
+
+    @property
+    def spread_ratio(self) -> float:
+        """Many small jobs against one big job, both after the history."""
+        return self.many_jobs_rate_after / self.one_job_rate_after
+
+
+@dataclass
 class ScaleOut:
     """Tasks of ``task_ms`` through one daemon, then through ``daemons`` daemons."""
 

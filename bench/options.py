@@ -23,6 +23,11 @@ class Options:
     daemons: int = 0
     daemon_tasks: int = 30_000
     daemon_task_ms: float = 1.0
+    history_tasks: int = 1_000_000
+    history_single_jobs: int = 500
+    history_spread_tasks: int = 100_000
+    history_many_jobs: int = 5_000
+    only_history: bool = False
     full: bool = False
     timeout: float = 900.0
     log_level: str = "WARNING"

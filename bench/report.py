@@ -10,7 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from bench.model import Latency, Prepare, Profile, ScaleOut, Soak, Throughput
+from bench.model import History, Latency, Prepare, Profile, ScaleOut, Soak, Throughput
 
 
 @dataclass
@@ -22,6 +22,7 @@ class Results:
     prepare: Prepare | None = None
     soak: Soak | None = None
     scale_out: ScaleOut | None = None
+    history: History | None = None
     procrastinate_throughput: Throughput | None = None
     procrastinate_latency: Latency | None = None
     procrastinate_rss_mb: float | None = None
@@ -76,6 +77,11 @@ class Results:
             add("soak last/first million", self.soak.ratio, 1 / 1.2, True, "x")
         if self.scale_out and self.scale_out.daemons >= 3:
             add(f"{self.scale_out.daemons} daemons vs 1", self.scale_out.ratio, 1.5, True, "x")
+        if self.history:
+            h = self.history
+            add("single-task jobs after history vs empty", h.single_ratio, 0.9, True, "x")
+            add("many small jobs vs one job", h.spread_ratio, 0.7, True, "x")
+            add("show a job", max(h.show_ms_big_job, h.show_ms_single_task_job), 10, False, "ms")
         return out
 
     def as_json(self) -> dict[str, Any]:
@@ -97,6 +103,7 @@ class Results:
                 "peak_rss_mb_by_phase": self.herder_rss_mb,
                 "soak": soak,
                 "scale_out": scale,
+                "history": _history(self.history),
                 "profiles": {k: asdict(v) for k, v in self.profiles.items()} or None,
             },
             "procrastinate": {
@@ -217,6 +224,34 @@ class Results:
                 "",
                 f"≥ 1.5× {mark(f'{so.daemons} daemons vs 1')}",
             )
+        if self.history:
+            hist = self.history
+            table.add_row(
+                f"history: {hist.single_task_jobs} single-task jobs\n"
+                f"[dim]empty vs after {hist.finished_tasks:,} finished tasks[/dim]",
+                f"{hist.single_rate_empty:,.0f} → {hist.single_rate_after:,.0f}/s\n"
+                f"[dim]{hist.single_ratio:.2f}×[/dim]",
+                "—",
+                "",
+                f"≥ 0.9× {mark('single-task jobs after history vs empty')}",
+            )
+            table.add_row(
+                f"history: tasks in {hist.many_jobs:,} jobs of two owners\n"
+                "[dim]vs the same tasks in one job, after the history[/dim]",
+                f"{hist.many_jobs_rate_after:,.0f} vs {hist.one_job_rate_after:,.0f}/s\n"
+                f"[dim]{hist.spread_ratio:.2f}× (empty: {hist.many_jobs_rate_empty:,.0f} vs "
+                f"{hist.one_job_rate_empty:,.0f})[/dim]",
+                "—",
+                "",
+                f"≥ 0.7× {mark('many small jobs vs one job')}",
+            )
+            table.add_row(
+                "history: herder show, median\n[dim]a 100k-task job / a 1-task job[/dim]",
+                f"{hist.show_ms_big_job:.1f} / {hist.show_ms_single_task_job:.1f} ms",
+                "—",
+                "",
+                f"≤ 10 ms {mark('show a job')}",
+            )
         return table
 
     def print(self, console: Console) -> None:
@@ -270,6 +305,15 @@ def _finite(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_finite(v) for v in value]
     return value
+
+
+def _history(history: History | None) -> dict[str, Any] | None:
+    if history is None:
+        return None
+    return asdict(history) | {
+        "single_ratio": history.single_ratio,
+        "spread_ratio": history.spread_ratio,
+    }
 
 
 def _asdict(value: Any) -> dict[str, Any] | None:

@@ -9,6 +9,7 @@ batched loading.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import time
 from typing import Any
@@ -30,7 +31,7 @@ from herder.kinds import (
 )
 from herder.metrics import Metrics
 from herder.preparation import PrepareRaised, SmallJobs, batches, write_in_order
-from herder.resilience import TRANSIENT, keep_renewing
+from herder.resilience import TRANSIENT, is_transient, keep_renewing, retrying
 from herder.signals import Wakeup
 from herder.store import PreparationClaim, SmallPreparation, Store
 
@@ -39,6 +40,8 @@ log = structlog.get_logger("herder.coordinator")
 #: Preparations held at once (claimed in one statement when that many are free): small
 #: ones are mostly waiting on the database, so many can overlap.
 MAX_HELD_PREPARATIONS = 32
+#: Unexpected errors preparing one job before it fails (see Coordinator._unexpected).
+MAX_TROUBLES = 3
 
 
 class Coordinator:
@@ -69,6 +72,8 @@ class Coordinator:
         #: resumed while its old preparation winds down is held twice, under two keys.
         self._held: dict[tuple[int, int], PreparationClaim] = {}
         self._scopes: dict[tuple[int, int], anyio.CancelScope] = {}
+        #: Unexpected errors (not the kind's) while preparing each job, by job id.
+        self._troubles: collections.Counter[int] = collections.Counter()
         self._stopping = False
 
     @property
@@ -130,36 +135,47 @@ class Coordinator:
         try:
             with self._scopes[job.key]:
                 await self._prepare(job, bound)
-        except TRANSIENT as exc:
-            # The database is away: the job stays ours until the lease runs out (or we
-            # hand it back), then any daemon resumes it where it stopped.
-            bound.warning("preparation interrupted: database unreachable", error=str(exc))
-            await self._hand_back(job, timeout=2)
         except Exception as exc:
-            # Not the kind's code (that fails the job in _prepare) but herder's own, or
-            # the database refusing what herder wrote: the job fails with the reason, and
-            # the daemon serves on.
-            bound.exception("preparation failed unexpectedly")
-            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                try:
-                    await self._fail(
-                        job, f"herder could not prepare the job: {describe(exc)}", bound
-                    )
-                except Exception:
-                    bound.exception("could not record the failure; the lease will run out")
+            if is_transient(exc):
+                # The database is away: handed back (or, if it does not answer, held
+                # until the lease runs out), any daemon resumes it where it stopped.
+                bound.warning("preparation interrupted: database unreachable", error=str(exc))
+                await self._hand_back(job, timeout=2)
+            else:
+                await self._unexpected(job, exc, bound)
         finally:
             del self._scopes[job.key]
             del self._held[job.key]
             self._intake.release()
 
+    async def _unexpected(self, job: PreparationClaim, exc: Exception, bound: Any) -> None:
+        """Not the kind's code (that fails the job in _prepare) but herder's own, or the
+        database refusing one of herder's statements. Once may be bad luck: the job is
+        handed back and prepared again. The third time it fails, with the reason; either
+        way the daemon serves on."""
+        self._troubles[job.id] += 1
+        if self._troubles[job.id] < MAX_TROUBLES:
+            bound.error("preparation failed unexpectedly; trying again", exc_info=exc)
+            await self._hand_back(job, timeout=2)
+            self.wakeup.set()
+            return
+        bound.error("preparation failed unexpectedly; the job fails", exc_info=exc)
+        del self._troubles[job.id]
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            try:
+                await self._fail(job, f"herder could not prepare the job: {describe(exc)}", bound)
+            except Exception:
+                bound.exception("could not record the failure; the lease will run out")
+
     async def _hand_back(self, job: PreparationClaim, *, timeout: float) -> None:
         """Release a preparation for another claim; if the database does not answer,
         its lease runs out instead."""
-        with anyio.CancelScope(shield=True), anyio.move_on_after(timeout):
-            try:
-                await self.store.release_preparation(job, self.name)
-            except TRANSIENT as exc:
-                log.warning("could not hand back a preparation", job_id=job.id, error=str(exc))
+        with anyio.CancelScope(shield=True):
+            await retrying(
+                f"hand back the preparation of job {job.id}",
+                lambda: self.store.release_preparation(job, self.name),
+                timeout=timeout,
+            )
 
     async def _prepare(self, job: PreparationClaim, bound: Any) -> None:
         if job.stale_tasks:

@@ -9,13 +9,14 @@ run's attempt (a stale runner cannot mark another run done).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable
 
 import anyio
 import structlog
 
 from herder.kinds import KIND_CODE_ERRORS, FinishedJob, describe, get_kind, known_kinds
-from herder.resilience import keep_renewing
+from herder.resilience import keep_renewing, retrying
 from herder.signals import Wakeup
 from herder.store import FinishHookClaim, Store
 
@@ -40,19 +41,26 @@ class HookRunner:
             if claim is None:
                 await self.wakeup.wait(self.poll_interval)
                 continue
-            if claim.attempts > MAX_HOOK_ATTEMPTS:
-                log.error(
-                    "on_finished given up: every earlier run ended with its daemon",
-                    job_id=claim.id,
-                    kind=claim.kind,
-                    runs=claim.attempts - 1,
-                )
-            else:
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(keep_renewing, "hook lease", self._renewer(claim), self.lease / 3)
-                    await self._run_hook(claim)
-                    tg.cancel_scope.cancel()
-            await self.store.finish_hook_done(claim)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(keep_renewing, "hook lease", self._renewer(claim), self.lease / 3)
+                await self._run_once(claim)
+                tg.cancel_scope.cancel()
+
+    async def _run_once(self, claim: FinishHookClaim) -> None:
+        if claim.attempts > MAX_HOOK_ATTEMPTS:
+            log.error(
+                "on_finished given up: every earlier run ended with its daemon",
+                job_id=claim.id,
+                kind=claim.kind,
+                runs=claim.attempts - 1,
+            )
+        else:
+            await self._run_hook(claim)
+        # Still holding (and renewing) the run: a done-write that fails is tried again,
+        # never dropped, or the hook would run a second time.
+        await retrying(
+            "record on_finished done", functools.partial(self.store.finish_hook_done, claim)
+        )
 
     def _renewer(self, claim: FinishHookClaim) -> Renew:
         async def renew() -> bool:

@@ -6,12 +6,14 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import anyio
 import asyncpg
 import structlog
 
 log = structlog.get_logger("herder")
+T = TypeVar("T")
 
 #: Errors that say "the database is unreachable or busy right now", not "this is wrong".
 TRANSIENT: tuple[type[BaseException], ...] = (
@@ -23,6 +25,9 @@ TRANSIENT: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.SerializationError,
     asyncpg.exceptions.TooManyConnectionsError,
     asyncpg.exceptions.InsufficientResourcesError,
+    # statement_timeout and lock_timeout, from a role's or the server's settings.
+    asyncpg.exceptions.QueryCanceledError,
+    asyncpg.exceptions.LockNotAvailableError,
     # A pool connection whose session the server ended mid-operation is left in a broken
     # protocol state (MagicStack/asyncpg#784, #1069); the pool drops it when it fails to
     # reset on release, so the next attempt gets a fresh connection.
@@ -65,6 +70,28 @@ async def supervise(name: str, loop: Callable[[], Awaitable[None]]) -> None:
                 log.error("unexpected error; restarting", loop=name, error=error, exc_info=exc)
             await anyio.sleep(delay * random.uniform(0.5, 1.5))
             delay = min(delay * 2, 5.0)
+
+
+async def retrying(
+    what: str, step: Callable[[], Awaitable[T]], *, timeout: float | None = None
+) -> T | None:
+    """Run ``step`` until it succeeds, backing off between tries, for up to ``timeout``
+    seconds; None when it never did. For writes that must not be dropped on one error (a
+    hook's done-write, the hand-back at shutdown): each is fenced, so trying again is
+    safe."""
+    delay = 0.05
+    with anyio.move_on_after(timeout):
+        while True:
+            try:
+                return await step()
+            except Exception as exc:
+                log.warning(
+                    "write failed; retrying", what=what, error=f"{type(exc).__name__}: {exc}"
+                )
+            await anyio.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, 2.0)
+    log.error("gave up", what=what, after_seconds=timeout)
+    return None
 
 
 async def keep_renewing(name: str, renew: Callable[[], Awaitable[bool]], interval: float) -> None:

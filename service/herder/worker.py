@@ -25,7 +25,7 @@ import structlog
 from herder.db import NotStorable, Undecodable, encode_json
 from herder.kinds import Kind, Retry, TaskContext, TaskWarning, describe, get_kind, message_of
 from herder.metrics import Metrics
-from herder.resilience import TRANSIENT, keep_renewing, supervise
+from herder.resilience import TRANSIENT, keep_renewing, retrying, supervise
 from herder.signals import Wakeup
 from herder.states import TaskStatus
 from herder.store import ClaimedTask, Outcome, Store
@@ -39,6 +39,8 @@ PREFETCH_HORIZON = 1.0
 #: Weight of the newest handler time in the moving average.
 TASK_SECONDS_WEIGHT = 0.05
 _SHUTDOWN = "shutdown"
+#: Seconds each shutdown write (outcomes, hand-back) is retried before the daemon exits.
+SHUTDOWN_WRITES = 10.0
 #: An executor lets the event loop run other things at least once per this many tasks.
 YIELD_EVERY = 32
 
@@ -169,8 +171,15 @@ class Worker:
         while self._running:
             await self._idle.wait()
         with anyio.CancelScope(shield=True):
-            await self._flush()
-            handed_back = await self.store.release_tasks(self._held, self.name)
+            # Outcomes first (a finished task must not be handed back to run again),
+            # then the rest, each tried again until it goes through or time runs out.
+            await retrying("write outcomes at shutdown", self._flush, timeout=SHUTDOWN_WRITES)
+            held = list(self._held)
+            handed_back = await retrying(
+                "hand back tasks at shutdown",
+                lambda: self.store.release_tasks(held, self.name),
+                timeout=SHUTDOWN_WRITES,
+            )
         log.info("handed back unfinished tasks", tasks=handed_back)
         self._held.clear()
         self._queue.clear()

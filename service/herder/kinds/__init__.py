@@ -145,7 +145,10 @@ def message_of(exc: BaseException) -> str:
 
 
 def describe(exc: BaseException | None) -> str:
-    """``Type: message`` for an exception raised by a kind's code."""
+    """``Type: message`` for an exception raised by a kind's code (for a group, its first
+    exception)."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
     if exc is None:
         return "unknown error"
     text = message_of(exc)
