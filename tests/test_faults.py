@@ -399,7 +399,17 @@ async def check(
                 problems.append(
                     f"{label}: on_finished ran {runs} times for {want.settlements} settlements"
                 )
+        kept = dict(await conn.fetchrow(COUNTS, want.job_id) or {})
+        recount = {s.lower(): sum(t["status"] == s for t in tasks) for s in TASK_STATUSES}
+        if kept != recount:
+            problems.append(f"{label}: counts {kept} but a recount gives {recount}")
     return problems
+
+
+COUNTS = (
+    "SELECT pending, in_progress, success, warning, failure, canceled FROM herder.task_counts($1)"
+)
+TASK_STATUSES = ("PENDING", "IN_PROGRESS", "SUCCESS", "WARNING", "FAILURE", "CANCELED")
 
 
 async def run_scenario(

@@ -527,18 +527,20 @@ LIMIT $2;
 
 -- name: prune_tasks
 -- One small batch per statement, so no transaction holds many locks or runs long; the
--- job's status is checked again in case it was restarted meanwhile.
-WITH doomed AS (
-    SELECT t.id FROM herder.tasks t
-    WHERE t.job_id IN (
+-- job's status is checked again in case it was restarted meanwhile. The batch is found
+-- by the job's index and deleted by primary key (joining it to the table instead, the
+-- planner hashed a scan of all of it).
+DELETE FROM herder.tasks t
+WHERE t.id = ANY (ARRAY(
+    SELECT d.id FROM herder.tasks d
+    WHERE d.job_id IN (
         SELECT id FROM herder.jobs
         WHERE id = ANY($1::bigint[])
           AND status IN ('SUCCESS', 'WARNING', 'FAILURE', 'CANCELED')
           AND ended_at < clock_timestamp() - make_interval(secs => $2)
     )
     LIMIT $3
-)
-DELETE FROM herder.tasks t USING doomed WHERE t.id = doomed.id;
+));
 
 -- name: prune_jobs
 DELETE FROM herder.jobs j
