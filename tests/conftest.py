@@ -20,7 +20,7 @@ from herder import db, logs
 from herder.kinds import Kind, TaskContext, unregister
 from herder.store import Store
 from tests.private_pg import PrivatePostgres
-from tests.support import DaemonProcess, with_database
+from tests.support import DaemonProcess, Login, as_role, with_database
 
 # One template per test run: two runs sharing a server (TEST_DATABASE_URL) must not
 # drop each other's template mid-run.
@@ -111,6 +111,28 @@ async def store(db_url: str) -> AsyncIterator[Store]:
         yield Store(pool)
     finally:
         await pool.close()
+
+
+@pytest.fixture
+async def login(db_url: str, conn: db.Connection) -> AsyncIterator[Login]:
+    """Create login roles (cluster-wide, uniquely named) granted the given roles; connect
+    as them. Dropped afterwards, with whatever they own in the test's database."""
+    made: list[tuple[str, db.Connection]] = []
+
+    async def make(*grants: str) -> tuple[str, db.Connection]:
+        name = f"login_{os.getpid()}_{next(_counter)}"
+        await conn.execute(f"CREATE ROLE {name} LOGIN PASSWORD 'secret'")
+        for grant in grants:
+            await conn.execute(f"GRANT {grant} TO {name}")
+        connection = await db.connect(as_role(db_url, name))
+        made.append((name, connection))
+        return name, connection
+
+    yield make
+    for name, connection in made:
+        await connection.close()
+        await conn.execute(f"DROP OWNED BY {name}")
+        await conn.execute(f"DROP ROLE {name}")
 
 
 @pytest.fixture

@@ -221,7 +221,31 @@ class Injector:
         raise error_for(fault.mode, name)
 
 
-class FaultyPool:
+class _Queries:
+    """The query methods of asyncpg's pool and connection, each through ``_call``."""
+
+    async def _call(
+        self, method: str, query: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        raise NotImplementedError
+
+    async def fetch(self, query: str, *args: Any, **kwargs: Any) -> list[asyncpg.Record]:
+        result: list[asyncpg.Record] = await self._call("fetch", query, args, kwargs)
+        return result
+
+    async def fetchrow(self, query: str, *args: Any, **kwargs: Any) -> asyncpg.Record | None:
+        result: asyncpg.Record | None = await self._call("fetchrow", query, args, kwargs)
+        return result
+
+    async def fetchval(self, query: str, *args: Any, **kwargs: Any) -> Any:
+        return await self._call("fetchval", query, args, kwargs)
+
+    async def execute(self, query: str, *args: Any, **kwargs: Any) -> str:
+        result: str = await self._call("execute", query, args, kwargs)
+        return result
+
+
+class FaultyPool(_Queries):
     """A stand-in for an asyncpg pool that fails chosen named queries."""
 
     def __init__(
@@ -245,22 +269,6 @@ class FaultyPool:
     @property
     def calls(self) -> Counter[str]:
         return self.injector.calls
-
-    # The pool's interface.
-    async def fetch(self, query: str, *args: Any, **kwargs: Any) -> list[asyncpg.Record]:
-        result: list[asyncpg.Record] = await self._call("fetch", query, args, kwargs)
-        return result
-
-    async def fetchrow(self, query: str, *args: Any, **kwargs: Any) -> asyncpg.Record | None:
-        result: asyncpg.Record | None = await self._call("fetchrow", query, args, kwargs)
-        return result
-
-    async def fetchval(self, query: str, *args: Any, **kwargs: Any) -> Any:
-        return await self._call("fetchval", query, args, kwargs)
-
-    async def execute(self, query: str, *args: Any, **kwargs: Any) -> str:
-        result: str = await self._call("execute", query, args, kwargs)
-        return result
 
     def acquire(self, **kwargs: Any) -> _Acquire:
         return _Acquire(self, kwargs)
@@ -301,7 +309,7 @@ class _Acquire:
         await self._context.__aexit__(exc_type, exc, tb)
 
 
-class FaultyConnection:
+class FaultyConnection(_Queries):
     """A pooled connection whose named queries may fail; its transactions too."""
 
     def __init__(self, conn: db.PoolConnection, injector: Injector) -> None:
@@ -309,21 +317,6 @@ class FaultyConnection:
         self.injector = injector
         self._depth = 0
         self._lost: Exception | None = None
-
-    async def fetch(self, query: str, *args: Any, **kwargs: Any) -> list[asyncpg.Record]:
-        result: list[asyncpg.Record] = await self._call("fetch", query, args, kwargs)
-        return result
-
-    async def fetchrow(self, query: str, *args: Any, **kwargs: Any) -> asyncpg.Record | None:
-        result: asyncpg.Record | None = await self._call("fetchrow", query, args, kwargs)
-        return result
-
-    async def fetchval(self, query: str, *args: Any, **kwargs: Any) -> Any:
-        return await self._call("fetchval", query, args, kwargs)
-
-    async def execute(self, query: str, *args: Any, **kwargs: Any) -> str:
-        result: str = await self._call("execute", query, args, kwargs)
-        return result
 
     def transaction(self, **kwargs: Any) -> FaultyTransaction:
         return FaultyTransaction(self, self.conn.transaction(**kwargs))

@@ -26,6 +26,17 @@ T = TypeVar("T")
 FINISHED = ("SUCCESS", "WARNING", "FAILURE", "CANCELED")
 
 
+#: The ``login`` fixture: ``await login("herder_submitter")`` -> (role name, connection).
+Login = Callable[..., Awaitable[tuple[str, db.Connection]]]
+
+
+def as_role(url: str, role: str) -> str:
+    """``url`` logging in as ``role`` (the test roles' password is 'secret')."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{role}:secret@{host}"))
+
+
 def with_database(url: str, database: str) -> str:
     parts = urlsplit(url)
     return urlunsplit(parts._replace(path=f"/{database}"))

@@ -22,7 +22,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import anyio.lowlevel
@@ -36,6 +35,7 @@ from herder.kinds import Kind, KindError, unregister
 from herder.store import Store
 from tests.support import (
     DaemonProcess,
+    Login,
     one_task_per_item,
     running_daemon,
     submit,
@@ -44,7 +44,6 @@ from tests.support import (
 )
 
 _names = itertools.count()
-Login = Callable[..., Awaitable[tuple[str, db.Connection]]]
 Daemons = Callable[..., DaemonProcess]
 
 #: Daemon settings that keep every test short: leases and polls well under a second.
@@ -53,34 +52,6 @@ FAST_CLI = ("--lease-seconds", "2", "--poll-interval", "0.1", "--health-addr", "
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def as_role(url: str, role: str) -> str:
-    parts = urlsplit(url)
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{role}:secret@{host}"))
-
-
-@pytest.fixture
-async def login(db_url: str, conn: db.Connection) -> AsyncIterator[Login]:
-    """Create login roles (cluster-wide, uniquely named) granted the given roles; connect
-    as them. Dropped afterwards, with whatever they own in the test's database."""
-    made: list[tuple[str, db.Connection]] = []
-
-    async def make(*grants: str) -> tuple[str, db.Connection]:
-        name = f"contain_{os.getpid()}_{next(_names)}"
-        await conn.execute(f"CREATE ROLE {name} LOGIN PASSWORD 'secret'")
-        for grant in grants:
-            await conn.execute(f"GRANT {grant} TO {name}")
-        connection = await db.connect(as_role(db_url, name))
-        made.append((name, connection))
-        return name, connection
-
-    yield make
-    for name, connection in made:
-        await connection.close()
-        await conn.execute(f"DROP OWNED BY {name}")
-        await conn.execute(f"DROP ROLE {name}")
 
 
 async def job_state(conn: db.Connection, job_id: int) -> dict[str, Any]:

@@ -2,46 +2,11 @@
 
 from __future__ import annotations
 
-import itertools
-import os
-from collections.abc import AsyncIterator, Awaitable, Callable
-from urllib.parse import urlsplit, urlunsplit
-
 import asyncpg
 import pytest
 
 from herder import db
-from tests.support import running_daemon, submit, wait_finished
-
-_names = itertools.count()
-Login = Callable[..., Awaitable[tuple[str, db.Connection]]]
-
-
-def as_role(url: str, role: str) -> str:
-    parts = urlsplit(url)
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{role}:secret@{host}"))
-
-
-@pytest.fixture
-async def login(db_url: str, conn: db.Connection) -> AsyncIterator[Login]:
-    """Create login roles granted the given herder roles; connect as them."""
-    made: list[tuple[str, db.Connection]] = []
-
-    async def make(*grants: str) -> tuple[str, db.Connection]:
-        name = f"user_{os.getpid()}_{next(_names)}"
-        await conn.execute(f"CREATE ROLE {name} LOGIN PASSWORD 'secret'")
-        for grant in grants:
-            await conn.execute(f"GRANT {grant} TO {name}")
-        connection = await db.connect(as_role(db_url, name))
-        made.append((name, connection))
-        return name, connection
-
-    yield make
-    for name, connection in made:
-        await connection.close()
-        await conn.execute(f"DROP OWNED BY {name}")
-        await conn.execute(f"DROP ROLE {name}")
+from tests.support import Login, as_role, running_daemon, submit, wait_finished
 
 
 async def test_migrate_creates_the_roles_nologin(conn: db.Connection) -> None:
