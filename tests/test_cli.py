@@ -216,6 +216,20 @@ async def test_show_of_a_missing_job(db_url: str) -> None:
     assert_one_line_error(result, "job 424242 does not exist")
 
 
+async def test_show_of_a_job_whose_payload_python_cannot_hold(
+    db_url: str, conn: db.Connection
+) -> None:
+    """jsonb keeps 1e5000 as a 5,001-digit integer: show says so instead of failing."""
+    job_id = await conn.fetchval(
+        "INSERT INTO herder.jobs (kind, payload) VALUES ('synthetic', '{\"tasks\": 1e5000}') "
+        "RETURNING id"
+    )
+    for args in (("show", str(job_id)), ("show", str(job_id), "--json"), ("jobs", "--json")):
+        result = await herder(db_url, *args)
+        assert result.code == 0, result.err
+        assert "undecodable JSON" in result.out or args[0] == "jobs"
+
+
 # ---------------------------------------------------------------- control
 
 CONTROL_CASES = [

@@ -38,6 +38,7 @@ from rich.text import Text
 
 from herder import db, logs
 from herder.eventloop import event_loop_options
+from herder.db import Undecodable
 from herder.kinds import KindError
 from herder.resilience import TRANSIENT
 from herder.states import JOB_FINISHED, JobStatus
@@ -764,6 +765,8 @@ def _print_json(value: Any) -> None:
 def _json_default(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.isoformat()
+    if isinstance(value, Undecodable):  # a payload Python cannot hold: say so
+        return str(value)
     raise TypeError(f"cannot encode {type(value).__name__} as JSON")
 
 
@@ -842,7 +845,7 @@ def _print_job(args: argparse.Namespace, job: Job, problems: list[Job], *, brief
     if job["message"]:
         fields.add_row("message", Text(job["message"]))
     if not brief:
-        fields.add_row("payload", Text(json.dumps(job["payload"])))
+        fields.add_row("payload", Text(json.dumps(job["payload"], default=_json_default)))
         fields.add_row("priority", str(job["priority"]))
         fields.add_row("owner", Text(job["owner"]))
         for name in ("created", "started", "ended"):
