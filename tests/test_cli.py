@@ -224,10 +224,11 @@ async def test_show_of_a_job_whose_payload_python_cannot_hold(
         "INSERT INTO herder.jobs (kind, payload) VALUES ('synthetic', '{\"tasks\": 1e5000}') "
         "RETURNING id"
     )
-    for args in (("show", str(job_id)), ("show", str(job_id), "--json"), ("jobs", "--json")):
+    for args in (["show", str(job_id)], ["show", str(job_id), "--json"]):
         result = await herder(db_url, *args)
         assert result.code == 0, result.err
-        assert "undecodable JSON" in result.out or args[0] == "jobs"
+        assert "undecodable JSON" in result.out
+    assert (await herder(db_url, "jobs", "--json")).code == 0
 
 
 # ---------------------------------------------------------------- control
