@@ -508,7 +508,7 @@ async def run_scenario(
                 return not watch.alive or await settled(conn, ids)
 
             try:
-                await wait_for(all_settled, timeout=3 * LEASE + 3, what="the jobs to settle")
+                await wait_for(all_settled, timeout=3 * LEASE + 10, what="the jobs to settle")
             except AssertionError as exc:
                 problems.append(str(exc))
 
@@ -516,7 +516,7 @@ async def run_scenario(
                 return not watch.alive or await pending_hooks(conn) == 0
 
             try:
-                await wait_for(hooks_drained, timeout=2 * LEASE + 3, what="on_finished hooks")
+                await wait_for(hooks_drained, timeout=2 * LEASE + 10, what="on_finished hooks")
             except AssertionError as exc:
                 problems.append(str(exc))
             lost_claims = {
@@ -536,7 +536,7 @@ async def run_scenario(
                     )
 
                 try:
-                    await wait_for(fresh_done, timeout=2 * LEASE + 3, what="a fresh job")
+                    await wait_for(fresh_done, timeout=2 * LEASE + 10, what="a fresh job")
                     problems += await check(
                         conn, scenario, [Expect(fresh, "SUCCESS", tasks=3)], set()
                     )
@@ -669,7 +669,7 @@ async def run_shutdown_scenario(
                 )
 
             try:
-                await wait_for(done, timeout=3 * LEASE + 3, what="the jobs to settle")
+                await wait_for(done, timeout=3 * LEASE + 10, what="the jobs to settle")
             except AssertionError as exc:
                 problems.append(str(exc))
             problems += await check(
