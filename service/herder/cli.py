@@ -37,8 +37,8 @@ from rich.table import Table
 from rich.text import Text
 
 from herder import db, logs
-from herder.eventloop import event_loop_options
 from herder.db import Undecodable
+from herder.eventloop import event_loop_options
 from herder.kinds import KindError
 from herder.resilience import TRANSIENT
 from herder.states import JOB_FINISHED, JobStatus
