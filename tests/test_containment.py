@@ -36,10 +36,12 @@ from herder.store import Store
 from tests.support import (
     DaemonProcess,
     Login,
+    as_role,
     one_task_per_item,
     running_daemon,
     submit,
     tasks_of,
+    wait_finished,
     wait_for,
 )
 
@@ -658,6 +660,39 @@ async def test_extra_every_herder_function_pins_its_search_path(conn: db.Connect
         if not any(c.startswith("search_path=") for c in (r["proconfig"] or []))
     ]
     assert unpinned == []
+
+
+async def test_extra_a_daemon_role_whose_search_path_shadows_built_ins_runs_jobs_right(
+    db_url: str, conn: db.Connection, login: Login
+) -> None:
+    """A role's session settings are a boundary too: the daemon's login role has a
+    search_path whose first schema shadows clock_timestamp() with a clock stuck in 2000.
+    herder's own sessions pin their search_path, so jobs start, finish and are timed by
+    the real clock."""
+    name, _ = await login("herder_worker")
+    await conn.execute(f"CREATE SCHEMA shadow_{name}")
+    await conn.execute(f"GRANT USAGE ON SCHEMA shadow_{name} TO {name}")
+    await conn.execute(
+        f"CREATE FUNCTION shadow_{name}.clock_timestamp() RETURNS timestamptz "
+        "LANGUAGE sql AS $$ SELECT timestamptz '2000-01-01' $$"
+    )
+    await conn.execute(f"ALTER ROLE {name} SET search_path = shadow_{name}, pg_catalog")
+    try:
+        async with running_daemon(as_role(db_url, name), **FAST):
+            job = await wait_finished(conn, await submit(conn, "synthetic", {"tasks": 20}))
+        assert job["status"] == "SUCCESS"
+        assert job["started_at"] >= job["created_at"]
+        assert (
+            await conn.fetchval(
+                "SELECT count(*) FROM herder.tasks WHERE job_id = $1 AND attempts = 1 "
+                "AND started_at >= $2",
+                job["id"],
+                job["created_at"],
+            )
+            == 20
+        )
+    finally:
+        await conn.execute(f"DROP SCHEMA shadow_{name} CASCADE")
 
 
 # ---------------------------------------------------------------- case 11

@@ -135,6 +135,7 @@ class Coordinator:
         try:
             with self._scopes[job.key]:
                 await self._prepare(job, bound)
+            self._troubles.pop(job.id, None)
         except Exception as exc:
             if is_transient(exc):
                 # The database is away: handed back (or, if it does not answer, held

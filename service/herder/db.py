@@ -170,6 +170,11 @@ async def create_pool(
     the query. herder's own queries leave no session state (SET LOCAL and function-level
     SET only), so its internal pool skips that reset (``reset_sessions=False``); the pool
     handed to kinds' code keeps it.
+
+    herder's own sessions also pin their search_path, whatever the role's settings say:
+    its queries qualify every herder object, and a look-alike of a built-in
+    (clock_timestamp, unnest) first on the role's path must not change what they compute.
+    Kinds' code keeps the role's own path.
     """
     pool = await asyncpg.create_pool(
         url,
@@ -177,6 +182,7 @@ async def create_pool(
         max_size=max_size,
         init=_init_connection,
         reset=None if reset_sessions else _keep_session,
+        server_settings=None if reset_sessions else {"search_path": "pg_catalog, pg_temp"},
     )
     assert pool is not None
     return pool

@@ -12,6 +12,7 @@ jobs, and a job becomes PENDING in the statement that commits its last batch.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import time
@@ -210,7 +211,7 @@ class SmallJobs:
     def __init__(self, store: Store, name: str) -> None:
         self.store = store
         self.name = name
-        self._waiting: list[_Waiting] = []
+        self._waiting: collections.deque[_Waiting] = collections.deque()
         self._ready = Wakeup()
 
     async def commit(self, job: SmallPreparation) -> bool:
@@ -230,7 +231,7 @@ class SmallJobs:
                 group: list[_Waiting] = []
                 rows = 0
                 while self._waiting and (not group or rows < SMALL_JOBS_ROWS):
-                    waiting = self._waiting.pop(0)
+                    waiting = self._waiting.popleft()
                     group.append(waiting)
                     rows += len(waiting.job.rows)
                 await self._write(group)

@@ -353,13 +353,10 @@ class Store:
 
     async def release_tasks(self, held: Iterable[tuple[int, int]], worker: str) -> int:
         """Hand (task_id, attempt) back to PENDING without spending the attempt."""
-        pairs = list(held)
-        if not pairs:
+        ids, attempts = _columns(held)
+        if not ids:
             return 0
-        rows = await self.pool.fetch(
-            Q["release_tasks"], [p[0] for p in pairs], [p[1] for p in pairs], worker
-        )
-        return len(rows)
+        return len(await self.pool.fetch(Q["release_tasks"], ids, attempts, worker))
 
     async def renew_task_leases(
         self, held: Iterable[tuple[int, int]], worker: str, lease: float
