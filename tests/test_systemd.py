@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import secrets
@@ -16,7 +17,8 @@ import anyio
 import pytest
 
 from herder import db
-from herder.systemd import Notifier
+from herder.status import DaemonStatus
+from herder.systemd import Notifier, status_line
 from tests.support import DaemonProcess, submit, wait_for
 
 
@@ -110,6 +112,28 @@ async def test_herder_run_speaks_sd_notify(
         "SELECT count(*) FROM herder.tasks WHERE job_id = $1 AND status = 'SUCCESS'", job_id
     )
     assert finished == 2
+
+
+def test_status_line_renders_the_snapshot() -> None:
+    """The states a running daemon seldom shows: no listener, a lost one, no database."""
+    status = DaemonStatus(
+        name="d",
+        uptime=1.0,
+        stopping=False,
+        running=1,
+        held=5,
+        preparing=2,
+        listener=None,
+        listener_reconnects=0,
+        database=True,
+    )
+    assert status_line(status) == "serving: 1 running, 5 held, 2 preparing, listener off"
+    lost = dataclasses.replace(status, listener=False, database=False)
+    assert status_line(lost) == (
+        "serving: 1 running, 5 held, 2 preparing, listener disconnected, database unreachable"
+    )
+    stopping = dataclasses.replace(status, stopping=True)
+    assert status_line(stopping) == "stopping: draining 1 running tasks"
 
 
 async def test_abstract_socket_address() -> None:

@@ -9,7 +9,6 @@ import signal
 import socket
 import time
 from dataclasses import dataclass, field
-from functools import partial
 
 import anyio
 import anyio.abc
@@ -24,6 +23,7 @@ from herder.listener import Listener
 from herder.maintenance import Maintenance
 from herder.metrics import Metrics
 from herder.resilience import TRANSIENT, supervise
+from herder.status import DaemonStatus
 from herder.store import Store
 from herder.systemd import Notifier, status_line
 from herder.worker import Worker
@@ -54,7 +54,6 @@ class Daemon:
         for module in config.apps:
             load_app(module)
         check_kinds()
-        self._connected = False
         self.started_at = time.monotonic()
         self.metrics = Metrics()
         self._stop = anyio.Event()
@@ -63,22 +62,30 @@ class Daemon:
         self.coordinator: Coordinator
         self.hooks: HookRunner
         self.maintenance: Maintenance
+        self._built = False  # run() connects, then builds the parts above
         self.listener: Listener | None = None
-        self.health = HealthServer(self)
+        self.health = HealthServer(config.health_addr, self.metrics.registry, self.status)
         self.systemd = Notifier.from_environment()
 
     def request_stop(self) -> None:
         self._stop.set()
 
-    @property
-    def database_ok(self) -> bool:
-        """Connected, and the last sweep reached the database."""
-        maintenance = getattr(self, "maintenance", None)  # set once run() connected
-        return self._connected and (maintenance is None or maintenance.database_ok)
-
-    @property
-    def stopping(self) -> bool:
-        return self._stop.is_set()
+    def status(self) -> DaemonStatus:
+        """What /healthz, /metrics and systemd report. Until run() has connected and
+        built the parts, none of them exists: nothing runs, nothing is held."""
+        built = self._built
+        listener = self.listener
+        return DaemonStatus(
+            name=self.name,
+            uptime=time.monotonic() - self.started_at,
+            stopping=self._stop.is_set(),
+            running=self.worker.running_count if built else 0,
+            held=len(self.worker.held) if built else 0,
+            preparing=len(self.coordinator.preparing) if built else 0,
+            listener=None if listener is None else listener.connected,
+            listener_reconnects=0 if listener is None else listener.reconnects,
+            database=built and self.maintenance.database_ok,
+        )
 
     @property
     def health_port(self) -> int:
@@ -99,7 +106,6 @@ class Daemon:
         app_pool = await _create_pool_when_reachable(
             cfg.database_url, min_size=0, max_size=cfg.concurrency, reset=True
         )
-        self._connected = True
         try:
             self.store = Store(pool, app_pool)
             self.worker = Worker(
@@ -133,10 +139,11 @@ class Daemon:
                 retention=cfg.retention_seconds,
                 wake_all=self._wake_all,
             )
+            self._built = True
             async with anyio.create_task_group() as tg:
                 if handle_signals:
                     tg.start_soon(self._signals)
-                await tg.start(self.health.run)
+                await tg.start(self.health.run, self.store)
                 if cfg.listen:
                     self.listener = Listener(cfg.database_url, self._on_notify, self._wake_all)
                     tg.start_soon(supervise, "listener", self.listener.run)
@@ -153,10 +160,10 @@ class Daemon:
                     listen=cfg.listen,
                     health=self.health.address,
                 )
-                tg.start_soon(self.systemd.run, partial(status_line, self))
+                tg.start_soon(self.systemd.run, lambda: status_line(self.status()))
                 task_status.started(self)
                 await self._stop.wait()
-                self.systemd.stopping(status_line(self))
+                self.systemd.stopping(status_line(self.status()))
                 log.info("stopping: no more claims", shutdown_timeout=cfg.shutdown_timeout)
                 await self.coordinator.stop()
                 await self.worker.shutdown(cfg.shutdown_timeout)

@@ -4,6 +4,7 @@ Served by aiohttp inside the daemon's task group, so it answers only while the d
 event loop does. ``/healthz`` checks the database live (a ``SELECT 1`` within a second),
 the listener and the event loop's lag; ``/metrics`` is the daemon's Prometheus registry
 plus values read at scrape time: queue depth from the database, listener state, lag.
+What it says of the daemon itself comes from the ``DaemonStatus`` it is handed.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from __future__ import annotations
 import json
 import time
 from collections import deque
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -21,12 +22,11 @@ from aiohttp import web
 from prometheus_client import ProcessCollector
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from prometheus_client.registry import Collector, CollectorRegistry
 
 from herder.states import JOB_FINISHED, JobStatus, TaskStatus
-
-if TYPE_CHECKING:
-    from herder.daemon import Daemon
+from herder.status import DaemonStatus
+from herder.store import Store
 
 log = structlog.get_logger("herder.health")
 
@@ -84,7 +84,7 @@ class LoopMonitor:
 
 class ScrapeCollector(Collector):
     """Values that only make sense read at scrape time. ``HealthServer.refresh`` reads the
-    database first (``collect`` is synchronous); the rest is read from the daemon."""
+    database first (``collect`` is synchronous); the rest is the daemon's status."""
 
     def __init__(self, server: HealthServer) -> None:
         self.server = server
@@ -93,10 +93,10 @@ class ScrapeCollector(Collector):
         self.jobs: dict[str, int] | None = None
 
     def describe(self) -> list[Metric]:
-        return []  # not checked for duplicates at registration: collect() reads the daemon
+        return []  # else registration would collect once, before the daemon serves
 
     def collect(self) -> Iterator[Metric]:
-        daemon = self.server.daemon
+        snapshot = self.server.status()
         up = GaugeMetricFamily(
             "herder_database_up", "1 when the database answered this scrape's query"
         )
@@ -119,17 +119,16 @@ class ScrapeCollector(Collector):
             for status in ACTIVE_JOB_STATUSES:
                 jobs.add_metric([status], self.jobs.get(status, 0))
             yield jobs
-        listener = daemon.listener
-        if listener is not None:  # --no-listen: no listener, so no metric to alert on
+        if snapshot.listener is not None:  # --no-listen: no listener, so no metric to alert on
             connected = GaugeMetricFamily(
                 "herder_listener_connected", "1 while the LISTEN connection is up"
             )
-            connected.add_metric([], 1.0 if listener.connected else 0.0)
+            connected.add_metric([], 1.0 if snapshot.listener else 0.0)
             yield connected
             reconnects = CounterMetricFamily(
                 "herder_listener_reconnects", "Times the LISTEN connection was lost"
             )
-            reconnects.add_metric([], listener.reconnects)
+            reconnects.add_metric([], snapshot.listener_reconnects)
             yield reconnects
         lag = GaugeMetricFamily(
             "herder_event_loop_lag_seconds",
@@ -137,36 +136,37 @@ class ScrapeCollector(Collector):
         )
         lag.add_metric([], self.server.loop.lag)
         yield lag
-        worker = getattr(daemon, "worker", None)
-        if worker is not None:
-            held = GaugeMetricFamily(
-                "herder_tasks_held", "Tasks this daemon has claimed: running or prefetched"
-            )
-            held.add_metric([], len(worker.held))
-            yield held
-        coordinator = getattr(daemon, "coordinator", None)
-        if coordinator is not None:
-            preparing = GaugeMetricFamily(
-                "herder_preparations_running", "Jobs this daemon is preparing now"
-            )
-            preparing.add_metric([], len(coordinator.preparing))
-            yield preparing
+        held = GaugeMetricFamily(
+            "herder_tasks_held", "Tasks this daemon has claimed: running or prefetched"
+        )
+        held.add_metric([], snapshot.held)
+        yield held
+        preparing = GaugeMetricFamily(
+            "herder_preparations_running", "Jobs this daemon is preparing now"
+        )
+        preparing.add_metric([], snapshot.preparing)
+        yield preparing
         uptime = GaugeMetricFamily("herder_uptime_seconds", "Seconds since this daemon started")
-        uptime.add_metric([], time.monotonic() - daemon.started_at)
+        uptime.add_metric([], snapshot.uptime)
         yield uptime
 
 
 class HealthServer:
     """``/healthz`` and ``/metrics`` of one daemon; ``run`` serves until cancelled."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        self.host, self.port = parse_addr(daemon.config.health_addr)
+    def __init__(
+        self, addr: str, registry: CollectorRegistry, status: Callable[[], DaemonStatus]
+    ) -> None:
+        self.addr = addr
+        self.host, self.port = parse_addr(addr)
+        self.registry = registry
+        self.status = status
+        #: The database the checks ask; set by run(), before anything is served.
+        self.store: Store
         self.loop = LoopMonitor()
         #: /healthz fails when the event loop lagged more than this (seconds).
         self.max_loop_lag = 5.0
         self.collector = ScrapeCollector(self)
-        registry = daemon.metrics.registry
         registry.register(self.collector)
         ProcessCollector(namespace="herder", registry=registry)
         self.app = web.Application()
@@ -179,8 +179,9 @@ class HealthServer:
         return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
     async def run(
-        self, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED
+        self, store: Store, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED
     ) -> None:
+        self.store = store
         runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         try:
@@ -190,7 +191,7 @@ class HealthServer:
             except OSError as exc:
                 raise OSError(
                     exc.errno,
-                    f"cannot serve /healthz on {self.daemon.config.health_addr}: {exc.strerror}",
+                    f"cannot serve /healthz on {self.addr}: {exc.strerror}",
                 ) from exc
             self.port = int(runner.addresses[0][1])  # the bound one when asked for port 0
             log.info("health endpoint up", address=self.address)
@@ -207,7 +208,7 @@ class HealthServer:
     async def database_answers(self) -> bool:
         try:
             with anyio.fail_after(DATABASE_TIMEOUT):
-                await self.daemon.store.ping()
+                await self.store.ping()
         except Exception as exc:  # anything at all means "not answering"
             log.debug("database check failed", error=f"{type(exc).__name__}: {exc}")
             return False
@@ -218,7 +219,7 @@ class HealthServer:
         c = self.collector
         try:
             with anyio.fail_after(DATABASE_TIMEOUT):
-                c.tasks, c.jobs = await self.daemon.store.queue_depth(ACTIVE_JOB_STATUSES)
+                c.tasks, c.jobs = await self.store.queue_depth(ACTIVE_JOB_STATUSES)
             c.database_up = True
         except Exception as exc:
             log.debug("queue depth unavailable", error=f"{type(exc).__name__}: {exc}")
@@ -226,14 +227,13 @@ class HealthServer:
 
     async def health(self) -> dict[str, Any]:
         """The body of /healthz; ``status`` is ``ok`` when every check passes."""
-        daemon = self.daemon
         database = await self.database_answers()
-        listener = daemon.listener
+        status = self.status()
         listening = (
             "disabled"
-            if listener is None
+            if status.listener is None
             else "connected"
-            if listener.connected
+            if status.listener
             else "disconnected"
         )
         lag = self.loop.lag
@@ -252,11 +252,11 @@ class HealthServer:
             "database": database,
             "listener": listening,
             "event_loop_lag_seconds": round(lag, 4),
-            "running_tasks": daemon.worker.running_count,
-            "held_tasks": len(daemon.worker.held),
-            "preparing_jobs": len(daemon.coordinator.preparing),
-            "name": daemon.name,
-            "uptime_seconds": round(time.monotonic() - daemon.started_at, 3),
+            "running_tasks": status.running,
+            "held_tasks": status.held,
+            "preparing_jobs": status.preparing,
+            "name": status.name,
+            "uptime_seconds": round(status.uptime, 3),
         }
 
     # ------------------------------------------------------------ handlers
@@ -274,6 +274,6 @@ class HealthServer:
         await self.refresh()
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
         return web.Response(
-            body=encoder(self.daemon.metrics.registry),
+            body=encoder(self.registry),
             headers={"Content-Type": content_type, "Cache-Control": "no-store"},
         )

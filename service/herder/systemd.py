@@ -12,13 +12,11 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
 
 import anyio
 import structlog
 
-if TYPE_CHECKING:
-    from herder.daemon import Daemon
+from herder.status import DaemonStatus
 
 log = structlog.get_logger("herder.systemd")
 
@@ -98,21 +96,19 @@ class Notifier:
             self._sock = None
 
 
-def status_line(daemon: Daemon) -> str:
+def status_line(status: DaemonStatus) -> str:
     """The short summary ``systemctl status`` shows, e.g. ``serving: 3 running, 120 held,
     0 preparing, listener connected``."""
-    running = daemon.worker.running_count
-    if daemon.stopping:
-        return f"stopping: draining {running} running tasks"
-    listener = daemon.listener
+    if status.stopping:
+        return f"stopping: draining {status.running} running tasks"
     parts = [
-        f"{running} running",
-        f"{len(daemon.worker.held)} held",
-        f"{len(daemon.coordinator.preparing)} preparing",
+        f"{status.running} running",
+        f"{status.held} held",
+        f"{status.preparing} preparing",
         "listener off"
-        if listener is None
-        else f"listener {'connected' if listener.connected else 'disconnected'}",
+        if status.listener is None
+        else f"listener {'connected' if status.listener else 'disconnected'}",
     ]
-    if not daemon.database_ok:
+    if not status.database:
         parts.append("database unreachable")
     return "serving: " + ", ".join(parts)
