@@ -114,11 +114,16 @@ async def _run(
         )
     ]
     deadline = time.monotonic() + timeout
+    # Nothing else inserts jobs meanwhile, so the ids form one range: the poll reads a
+    # range of the (status, id) index instead of matching thousands of ids, which cost the
+    # server 4 ms a poll at 5,000 jobs, time taken from the run it measures.
+    first, last = min(job_ids), max(job_ids)
     while True:
         done = await conn.fetchval(
-            "SELECT count(*) FROM herder.jobs WHERE id = ANY($1::bigint[]) "
-            "AND status = ANY($2::text[])",
-            job_ids,
+            "SELECT count(*) FROM herder.jobs WHERE status = ANY($3::text[]) "
+            "AND id BETWEEN $1 AND $2",
+            first,
+            last,
             list(FINISHED),
         )
         progress.update(bar, completed=done)

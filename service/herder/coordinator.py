@@ -37,9 +37,12 @@ from herder.store import PreparationClaim, SmallPreparation, Store
 
 log = structlog.get_logger("herder.coordinator")
 
-#: Preparations held at once (claimed in one statement when that many are free): small
-#: ones are mostly waiting on the database, so many can overlap.
-MAX_HELD_PREPARATIONS = 32
+#: Preparations held at once: small ones are mostly waiting on the database, so many can
+#: overlap.
+MAX_HELD_PREPARATIONS = 256
+#: Preparations claimed in one statement at most: a claim goes out while the preparations
+#: claimed before it are still being written, instead of after them.
+CLAIM_PREPARATIONS = 64
 #: Unexpected errors preparing one job before it fails (see Coordinator._unexpected).
 MAX_TROUBLES = 3
 
@@ -97,7 +100,7 @@ class Coordinator:
                 # Claim as many as there are free places, in one statement.
                 await self._intake.acquire()
                 places = 1
-                while self._intake.value and places < MAX_HELD_PREPARATIONS:
+                while self._intake.value and places < CLAIM_PREPARATIONS:
                     self._intake.acquire_nowait()
                     places += 1
                 try:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from herder.db import Pool, storable_text
+from herder.db import Pool, PoolConnection, storable_text
 from herder.kinds import runs_finish_hook
 from herder.sql import QUERIES as Q
 from herder.states import JOB_HOOKED, JobStatus, Settlement, TaskCounts, settle
@@ -138,8 +138,9 @@ class Store:
     def __init__(
         self, pool: Pool, app_pool: Pool | None = None, *, unchecked_copy: bool | None = None
     ) -> None:
-        """``unchecked_copy``: load batches with the foreign key's per-row checks off
-        (see write_tasks). None: whenever the database role may; False: never."""
+        """``unchecked_copy``: load batches and small preparations with the foreign key's
+        per-row checks off (see write_tasks). None: whenever the database role may; False:
+        never."""
         self.pool = pool
         #: The pool kinds' code gets (JobContext.pool, TaskContext.pool): its sessions are
         #: reset between uses, so nothing a kind sets can leak into herder's queries.
@@ -175,8 +176,7 @@ class Store:
                 job_ids.append(job_id)
                 seqs.append(seq)
                 payloads.append(payload)
-        rows = await self.pool.fetch(
-            Q["write_small_preparations"],
+        args = (
             [j.claim.id for j in jobs],
             [j.claim.generation for j in jobs],
             [j.max_attempts for j in jobs],
@@ -186,7 +186,27 @@ class Store:
             seqs,
             payloads,
         )
+        async with self.pool.acquire() as conn:
+            _copy, unchecked = await self._modes(conn)
+            async with conn.transaction():
+                # The foreign key's per-row checks are a fifth of this statement's cost,
+                # and these rows need none: the statement writes them only for jobs it
+                # holds locked. (The jobs' own row triggers are skipped with them: the
+                # only one an UPDATE of `prepared` fires checks max_tasks_per_job, which
+                # the preparation has already enforced.)
+                if unchecked:
+                    await conn.execute(Q["skip_row_triggers"])
+                rows = await conn.fetch(Q["write_small_preparations"], *args)
         return {r["id"] for r in rows}
+
+    async def _modes(self, conn: PoolConnection) -> tuple[bool, bool]:
+        """(COPY allowed, per-row foreign key checks may be skipped), read once."""
+        if self._copy_modes is None:
+            modes = await conn.fetchrow(Q["copy_modes"])
+            assert modes is not None
+            may_skip = bool(modes["unchecked"]) and self._unchecked_copy is not False
+            self._copy_modes = (bool(modes["copy"]), may_skip)
+        return self._copy_modes
 
     async def write_tasks(
         self,
@@ -215,12 +235,7 @@ class Store:
             query, last_arg = Q["write_last_batch"], finish_max_attempts
         head = (job.id, job.generation, preparer)
         async with self.pool.acquire() as conn:
-            if self._copy_modes is None:
-                modes = await conn.fetchrow(Q["copy_modes"])
-                assert modes is not None
-                may_skip = bool(modes["unchecked"]) and self._unchecked_copy is not False
-                self._copy_modes = (bool(modes["copy"]), may_skip)
-            copy_allowed, unchecked = self._copy_modes
+            copy_allowed, unchecked = await self._modes(conn)
             # COPY is the fastest way in, but costs extra round trips: big batches only.
             if not (copy_allowed and len(rows) >= COPY_THRESHOLD):
                 if turn is not None and not await turn():

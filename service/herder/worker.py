@@ -2,8 +2,8 @@
 
 The claimer keeps a bounded local queue filled with tasks claimed in batches; executors
 run them, each executor in a cancel scope it reuses across tasks (see ``_executor``);
-the completer writes outcomes many per statement and then settles the jobs that may have
-finished. Every claimed task is *held* until its
+the completer writes outcomes many per statement, and the settler settles the jobs that
+may have finished. Every claimed task is *held* until its
 outcome is written (or it is handed back on shutdown), and the heartbeat renews the
 leases of everything held.
 """
@@ -84,6 +84,9 @@ class Worker:
         self._capacity = Wakeup()  # held tasks were written back
         self._work = Wakeup()  # the local queue has tasks
         self._outcomes_ready = Wakeup()
+        #: Jobs of written outcomes, for the settler.
+        self._unsettled: set[int] = set()
+        self._settle_ready = Wakeup()
         self._completer_done = anyio.Event()
         self._idle = Wakeup()  # nothing is running
         self._queue: deque[ClaimedTask] = deque()
@@ -137,6 +140,7 @@ class Worker:
         async with anyio.create_task_group() as tg:
             tg.start_soon(supervise, "claimer", self._claimer)
             tg.start_soon(supervise, "completer", self._completer)
+            tg.start_soon(supervise, "settler", self._settler)
             tg.start_soon(keep_renewing, "task leases", self._renew, self.lease / 3)
             task_status.started()
             async with anyio.create_task_group() as executors:
@@ -174,6 +178,8 @@ class Worker:
             # Outcomes first (a finished task must not be handed back to run again),
             # then the rest, each tried again until it goes through or time runs out.
             await retrying("write outcomes at shutdown", self._flush, timeout=SHUTDOWN_WRITES)
+            with anyio.move_on_after(SHUTDOWN_WRITES), contextlib.suppress(*TRANSIENT):
+                await self._settle()  # or the next sweep, of any daemon, settles them
             held = list(self._held)
             handed_back = await retrying(
                 "hand back tasks at shutdown",
@@ -483,11 +489,29 @@ class Worker:
                 log.info("discarded stale outcomes (canceled, rescued or restarted)", tasks=stale)
             if any(o.status == TaskStatus.PENDING for o in batch):
                 self.wakeup.set()
-            # A job this worker still holds a task of cannot settle yet (that task is
-            # running, or whoever took it from us settles), so it is not even asked:
-            # the candidate query is the costliest part of a flush on a big job.
-            finished_here = {job_id for _, job_id in applied} - self.held_job_ids
-            self.metrics.settled(await self.store.settle(finished_here))
+            self._unsettled.update(job_id for _, job_id in applied)
+            self._settle_ready.set()
+
+    async def _settler(self) -> None:
+        """Settles the jobs whose tasks the completer wrote. Apart from the completer, so
+        that the next batch of outcomes is written while these jobs settle: with many
+        small jobs, settling inline made every flush twice as long."""
+        while True:
+            await self._settle_ready.wait(self.poll_interval)
+            await self._settle()
+
+    async def _settle(self) -> None:
+        # A job this worker still holds a task of cannot settle yet (that task is
+        # running, or whoever took it from us settles), so it is not even asked: the
+        # candidate query is the costliest part of settling a big job.
+        jobs, self._unsettled = self._unsettled - self.held_job_ids, set()
+        if not jobs:
+            return
+        try:
+            self.metrics.settled(await self.store.settle(jobs))
+        except BaseException:
+            self._unsettled |= jobs  # tried again when the settler restarts
+            raise
 
     async def _write(self, batch: list[Outcome]) -> list[tuple[int, int]]:
         """complete_tasks, contained: when PostgreSQL refuses the batch for what one

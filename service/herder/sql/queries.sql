@@ -17,7 +17,7 @@ WHERE j.id IN (
       AND (prepare_lease_until IS NULL OR prepare_lease_until < clock_timestamp())
     ORDER BY priority DESC, id
     LIMIT $3
-    FOR UPDATE SKIP LOCKED
+    FOR NO KEY UPDATE SKIP LOCKED
 )
 RETURNING j.id, j.kind, j.payload, j.priority, j.owner, j.generation, j.prepared,
           j.stale_tasks, herder.setting('max_tasks_per_job') AS max_tasks;
@@ -33,9 +33,10 @@ FROM pg_roles r, pg_class c
 WHERE r.rolname = current_user AND c.oid = 'herder.tasks'::regclass;
 
 -- name: skip_row_triggers
--- For the COPY of one batch only (SET LOCAL, switched back before the batch's fenced
--- write): in replica mode PostgreSQL fires no ordinary trigger, the foreign key's per-row
--- check included.
+-- For one transaction writing tasks only for jobs it holds (SET LOCAL: a COPY switches
+-- back before its batch's fenced write): in replica mode PostgreSQL fires no ordinary
+-- trigger, the foreign key's per-row check included. The counting triggers are ENABLE
+-- ALWAYS and still fire.
 SET LOCAL session_replication_role = replica;
 
 -- name: fire_row_triggers
@@ -190,7 +191,7 @@ WHERE j.id IN (
     SELECT id FROM herder.jobs
     WHERE id = ANY($1::bigint[]) AND status = 'PENDING'
     ORDER BY id
-    FOR UPDATE
+    FOR NO KEY UPDATE
 ) AND j.status = 'PENDING'
 RETURNING extract(epoch FROM j.started_at - j.created_at)::float8 AS latency;
 
@@ -314,11 +315,15 @@ ORDER BY j.id;
 -- last: settlement happens once, under it. In id order, so two daemons settling
 -- overlapping sets of jobs cannot deadlock. (The counts are read by the next statement,
 -- whose snapshot sees everything committed before these locks were granted.)
+-- Every lock herder takes on a job row to change it is NO KEY UPDATE: it excludes every
+-- other change, but not the KEY SHARE that inserting tasks and folding counts take to
+-- keep the job from being deleted under them (FOR UPDATE waited for those: measured, a
+-- settlement of many small jobs queued behind each fold).
 SELECT id, status, kind FROM herder.jobs
 WHERE id = ANY($1::bigint[]) AND status IN ('PENDING', 'IN_PROGRESS', 'CANCELING')
   AND reopening IS NULL
 ORDER BY id
-FOR UPDATE;
+FOR NO KEY UPDATE;
 
 -- name: cancel_pending_batch
 -- A CANCELING job's pending tasks, a batch per statement (cancel_job itself touches no

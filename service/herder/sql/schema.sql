@@ -551,7 +551,7 @@ DECLARE
 BEGIN
     SELECT prepared_at IS NOT NULL INTO was_prepared FROM herder.jobs
     WHERE id = retry_job.job_id AND status = 'FAILURE' AND herder.may_control(owner)
-    FOR UPDATE;
+    FOR NO KEY UPDATE;
     IF NOT FOUND THEN
         RETURN false;
     END IF;
