@@ -3,6 +3,7 @@ test's own database; a daemon runs in-process wherever a job must actually run."
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -16,7 +17,9 @@ import anyio
 import pytest
 
 from herder import db
+from herder.address import parse_addr
 from herder.cli import build_parser, env_var, main
+from herder.cli.commands import COMMANDS
 from herder.store import Store
 from tests.support import FINISHED, job_row, running_daemon, wait_finished, wait_for
 
@@ -337,6 +340,15 @@ async def test_no_database_is_one_line() -> None:
 # ---------------------------------------------------------------- flags and environment
 
 
+def test_every_command_has_a_handler() -> None:
+    subparsers = next(
+        action
+        for action in build_parser({})._actions
+        if isinstance(action, argparse._SubParsersAction)
+    )
+    assert set(subparsers.choices) == set(COMMANDS)
+
+
 def test_env_var_names() -> None:
     assert env_var("--poll-interval") == "HERDER_POLL_INTERVAL"
     assert env_var("--no-listen") == "HERDER_NO_LISTEN"
@@ -396,6 +408,34 @@ def test_global_options_go_before_or_after_the_command() -> None:
     assert parser.parse_args(["jobs"]).json is False
     assert parser.parse_args(["--database-url", "a", "jobs"]).database_url == "a"
     assert parser.parse_args(["jobs", "--database-url", "b"]).database_url == "b"
+
+
+@pytest.mark.parametrize(
+    ("addr", "host", "port"),
+    [
+        (":9464", None, 9464),
+        ("0.0.0.0:9464", "0.0.0.0", 9464),
+        ("localhost:9000", "localhost", 9000),
+        ("[::1]:9464", "::1", 9464),
+        ("127.0.0.1:0", "127.0.0.1", 0),
+    ],
+)
+def test_health_addr_forms(addr: str, host: str | None, port: int) -> None:
+    # The flag and the variable take what the health server binds, and nothing else.
+    assert build_parser({}).parse_args(["run", "--health-addr", addr]).health_addr == addr
+    assert build_parser({"HERDER_HEALTH_ADDR": addr}).parse_args(["run"]).health_addr == addr
+    assert parse_addr(addr) == (host, port)
+
+
+@pytest.mark.parametrize("addr", ["nowhere", "9464", "host:", "host:65536", "host:-1", "host:9x"])
+def test_a_bad_health_addr_is_a_usage_error(capsys: pytest.CaptureFixture[str], addr: str) -> None:
+    assert main(["run", "--health-addr", addr]) == 2
+    assert capsys.readouterr().err == (
+        f"error: argument --health-addr: expected HOST:PORT, got {addr!r} "
+        "(see 'herder run --help')\n"
+    )
+    with pytest.raises(ValueError, match="expected HOST:PORT"):
+        parse_addr(addr)
 
 
 @pytest.mark.parametrize(
