@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import anyio
 import pytest
 
@@ -357,10 +358,11 @@ def test_env_var_names() -> None:
 def test_run_defaults() -> None:
     args = build_parser({}).parse_args(["run"])
 
-    assert (args.concurrency, args.apps, args.health_addr, args.prefetch) == (
+    assert (args.concurrency, args.apps, args.health_addr, args.prefetch, args.name) == (
         10,
         [],
         "127.0.0.1:9464",
+        None,
         None,
     )
     assert (args.lease_seconds, args.poll_interval, args.shutdown_timeout) == (30.0, 1.0, 30.0)
@@ -379,6 +381,7 @@ def test_every_flag_defaults_to_its_env_var() -> None:
         "HERDER_SHUTDOWN_TIMEOUT": "0",
         "HERDER_NO_LISTEN": "1",
         "HERDER_PREFETCH": "7",
+        "HERDER_NAME": "web-1",
     }
     args = build_parser(env).parse_args(["run"])
 
@@ -386,7 +389,7 @@ def test_every_flag_defaults_to_its_env_var() -> None:
     assert args.json is True
     assert (args.concurrency, args.apps, args.health_addr) == (3, ["mod1", "mod2"], "0.0.0.0:9000")
     assert (args.lease_seconds, args.poll_interval, args.shutdown_timeout) == (12.0, 0.25, 0.0)
-    assert (args.no_listen, args.prefetch) == (True, 7)
+    assert (args.no_listen, args.prefetch, args.name) == (True, 7, "web-1")
     submit = build_parser({"HERDER_PRIORITY": "-4"}).parse_args(["submit", "k"])
     assert (submit.priority, submit.payload) == (-4, {})
 
@@ -512,3 +515,53 @@ async def test_run_serves_until_sigterm(db_url: str, conn: db.Connection, tmp_pa
     events = [json.loads(line) for line in out.read_text().splitlines() if line.startswith("{")]
     serving = next(event for event in events if event["event"] == "serving")
     assert serving["concurrency"] == 3  # from HERDER_CONCURRENCY
+
+
+async def test_run_name_reaches_the_daemon(
+    db_url: str, conn: db.Connection, tmp_path: Path
+) -> None:
+    name = "cli-named-daemon"
+    out = tmp_path / "stdout"
+    # ":0": every interface, as the health server takes it.
+    command = [sys.executable, "-m", "herder", "run", "--name", name, "--health-addr", ":0"]
+    with out.open("wb") as stdout:
+        process = await anyio.open_process(
+            [*command, "--poll-interval", "0.2", "--shutdown-timeout", "0"],
+            env=_env(db_url),
+            stdout=stdout,
+            stderr=stdout,
+        )
+        try:
+            job_id = await conn.fetchval(
+                "INSERT INTO herder.jobs (kind, payload) "
+                "VALUES ('synthetic', '{\"tasks\": 1, \"task_ms\": 600000}') RETURNING id"
+            )
+
+            async def claimed() -> str | None:
+                if process.returncode is not None:
+                    raise AssertionError(f"herder run exited early: {out.read_text()}")
+                worker: str | None = await conn.fetchval(
+                    "SELECT worker FROM herder.tasks WHERE job_id = $1 AND status = 'IN_PROGRESS'",
+                    job_id,
+                )
+                return worker
+
+            assert await wait_for(claimed, timeout=30, what="the task to start") == name
+            events = [json.loads(line) for line in out.read_text().splitlines() if line[:1] == "{"]
+            serving = next(event for event in events if event["event"] == "serving")
+            port = serving["health"].rpartition(":")[2]
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
+                session.get(f"http://127.0.0.1:{port}/healthz") as response,
+            ):
+                health = await response.json()
+            process.send_signal(signal.SIGTERM)
+            with anyio.fail_after(30):
+                code = await process.wait()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+    assert code == 0, out.read_text()
+    assert serving["name"] == health["name"] == name

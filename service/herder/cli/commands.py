@@ -211,6 +211,7 @@ async def cmd_run(args: argparse.Namespace, url: str) -> int:
             shutdown_timeout=args.shutdown_timeout,
             listen=not args.no_listen,
             prefetch=args.prefetch,
+            name=args.name,
             retention_seconds=args.retention,
         )
     )

@@ -293,6 +293,13 @@ def _add_run_options(parser: argparse.ArgumentParser, env: Mapping[str, str]) ->
         help="import MODULE to register its kinds (repeatable)",
     )
     opt(
+        "--name",
+        default=None,
+        metavar="NAME",
+        help="this daemon's name in tasks.worker, logs and /healthz; one per process, "
+        "never reused after a restart (default HOST:PID:RANDOM)",
+    )
+    opt(
         "--health-addr",
         type=_host_port,
         default="127.0.0.1:9464",
