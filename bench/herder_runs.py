@@ -61,6 +61,8 @@ async def daemons(name: str, url: str, opts: Options, count: int = 1) -> AsyncIt
     try:
         for i in range(count):
             args = [
+                "run",
+                "--database-url",
                 url,
                 "--concurrency",
                 str(opts.concurrency),
@@ -74,7 +76,7 @@ async def daemons(name: str, url: str, opts: Options, count: int = 1) -> AsyncIt
             if opts.prefetch:
                 args += ["--prefetch", str(opts.prefetch)]
             suffix = f"-{i}" if count > 1 else ""
-            workers.append(await procs.start_worker(f"herder-{name}{suffix}", "bench.daemon", args))
+            workers.append(await procs.start_worker(f"herder-{name}{suffix}", "herder", args))
         await anyio.sleep(0.3)  # let the listener connect before anything is submitted
         async with anyio.create_task_group() as tg:
             tg.start_soon(procs.watch_memory, workers)

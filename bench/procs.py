@@ -1,14 +1,18 @@
 """Worker processes under test: started as subprocesses (so they never share a GIL with
-the measuring process), watched for resident memory, stopped with SIGTERM."""
+the measuring process), watched for resident memory, stopped with SIGTERM.
+
+They are started the way systemd starts a ``Type=notify`` service: each gets a
+``NOTIFY_SOCKET`` of its own and is ready once it sends ``READY=1`` there, which
+``herder run`` does once it serves."""
 
 from __future__ import annotations
 
 import os
-import shutil
+import secrets
 import signal
+import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +65,7 @@ class Worker:
     process: anyio.abc.Process
     log_path: Path
     log: IO[bytes]
+    notify: socket.socket
     memory: Memory = field(default_factory=Memory)
     cpu_start: float = 0.0
 
@@ -68,7 +73,18 @@ class Worker:
     def pid(self) -> int:
         return self.process.pid
 
+    def notifications(self) -> list[str]:
+        """The ``KEY=VALUE`` lines it sent since the last call. Read while it runs, so its
+        ``STATUS=`` updates never fill the socket."""
+        lines: list[str] = []
+        while True:
+            try:
+                lines += self.notify.recv(4096).decode(errors="replace").splitlines()
+            except BlockingIOError:
+                return lines
+
     def sample(self) -> None:
+        self.notifications()
         rss = read_status_kb(self.pid, "VmRSS")
         if rss is not None:
             self.memory.peak_rss_kb = max(self.memory.peak_rss_kb, rss)
@@ -96,22 +112,31 @@ async def start_worker(
     *,
     ready_timeout: float = 60.0,
 ) -> Worker:
-    """Run ``python -m module args... --ready-file F`` and wait until it writes F."""
+    """Run ``python -m module args...`` and wait until it sends ``READY=1``."""
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     log_path = LOG_DIR / f"{name}.log"
     log = log_path.open("wb")
-    ready = Path(tempfile.mkdtemp(prefix="herder-bench-")) / "ready"
+    # An abstract socket: no file to clean up, gone with the last descriptor.
+    address = f"herder-bench-{name}-{secrets.token_hex(6)}"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    notify.bind("\0" + address)
+    notify.setblocking(False)
     process = await anyio.open_process(
-        [sys.executable, "-m", module, *args, "--ready-file", str(ready)],
+        [sys.executable, "-m", module, *args],
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=subprocess.STDOUT,
         cwd=ROOT,
+        # Settings are the arguments alone: a HERDER_* of the shell is not measured.
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith("HERDER_")},
+            "NOTIFY_SOCKET": "@" + address,
+        },
     )
-    worker = Worker(name, process, log_path, log)
+    worker = Worker(name, process, log_path, log, notify)
     try:
         deadline = time.monotonic() + ready_timeout
-        while not ready.exists():
+        while "READY=1" not in worker.notifications():
             if process.returncode is not None:
                 raise WorkerFailed(f"{name} exited with {process.returncode}: {tail(log_path)}")
             if time.monotonic() > deadline:
@@ -121,8 +146,6 @@ async def start_worker(
         with anyio.CancelScope(shield=True):
             await stop_worker(worker, timeout=5)
         raise
-    finally:
-        shutil.rmtree(ready.parent, ignore_errors=True)
     worker.mark_cpu()
     worker.sample()
     return worker
@@ -141,6 +164,7 @@ async def stop_worker(worker: Worker, timeout: float = 30.0) -> int | None:
             await process.wait()
     await process.aclose()
     worker.log.close()
+    worker.notify.close()
     return process.returncode
 
 

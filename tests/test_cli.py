@@ -3,6 +3,7 @@ test's own database; a daemon runs in-process wherever a job must actually run."
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -12,11 +13,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import anyio
 import pytest
 
 from herder import db
+from herder.address import parse_addr
 from herder.cli import build_parser, env_var, main
+from herder.cli.commands import COMMANDS
 from herder.store import Store
 from tests.support import FINISHED, job_row, running_daemon, wait_finished, wait_for
 
@@ -337,6 +341,15 @@ async def test_no_database_is_one_line() -> None:
 # ---------------------------------------------------------------- flags and environment
 
 
+def test_every_command_has_a_handler() -> None:
+    subparsers = next(
+        action
+        for action in build_parser({})._actions
+        if isinstance(action, argparse._SubParsersAction)
+    )
+    assert set(subparsers.choices) == set(COMMANDS)
+
+
 def test_env_var_names() -> None:
     assert env_var("--poll-interval") == "HERDER_POLL_INTERVAL"
     assert env_var("--no-listen") == "HERDER_NO_LISTEN"
@@ -345,10 +358,11 @@ def test_env_var_names() -> None:
 def test_run_defaults() -> None:
     args = build_parser({}).parse_args(["run"])
 
-    assert (args.concurrency, args.apps, args.health_addr, args.prefetch) == (
+    assert (args.concurrency, args.apps, args.health_addr, args.prefetch, args.name) == (
         10,
         [],
         "127.0.0.1:9464",
+        None,
         None,
     )
     assert (args.lease_seconds, args.poll_interval, args.shutdown_timeout) == (30.0, 1.0, 30.0)
@@ -367,6 +381,7 @@ def test_every_flag_defaults_to_its_env_var() -> None:
         "HERDER_SHUTDOWN_TIMEOUT": "0",
         "HERDER_NO_LISTEN": "1",
         "HERDER_PREFETCH": "7",
+        "HERDER_NAME": "web-1",
     }
     args = build_parser(env).parse_args(["run"])
 
@@ -374,7 +389,7 @@ def test_every_flag_defaults_to_its_env_var() -> None:
     assert args.json is True
     assert (args.concurrency, args.apps, args.health_addr) == (3, ["mod1", "mod2"], "0.0.0.0:9000")
     assert (args.lease_seconds, args.poll_interval, args.shutdown_timeout) == (12.0, 0.25, 0.0)
-    assert (args.no_listen, args.prefetch) == (True, 7)
+    assert (args.no_listen, args.prefetch, args.name) == (True, 7, "web-1")
     submit = build_parser({"HERDER_PRIORITY": "-4"}).parse_args(["submit", "k"])
     assert (submit.priority, submit.payload) == (-4, {})
 
@@ -396,6 +411,34 @@ def test_global_options_go_before_or_after_the_command() -> None:
     assert parser.parse_args(["jobs"]).json is False
     assert parser.parse_args(["--database-url", "a", "jobs"]).database_url == "a"
     assert parser.parse_args(["jobs", "--database-url", "b"]).database_url == "b"
+
+
+@pytest.mark.parametrize(
+    ("addr", "host", "port"),
+    [
+        (":9464", None, 9464),
+        ("0.0.0.0:9464", "0.0.0.0", 9464),
+        ("localhost:9000", "localhost", 9000),
+        ("[::1]:9464", "::1", 9464),
+        ("127.0.0.1:0", "127.0.0.1", 0),
+    ],
+)
+def test_health_addr_forms(addr: str, host: str | None, port: int) -> None:
+    # The flag and the variable take what the health server binds, and nothing else.
+    assert build_parser({}).parse_args(["run", "--health-addr", addr]).health_addr == addr
+    assert build_parser({"HERDER_HEALTH_ADDR": addr}).parse_args(["run"]).health_addr == addr
+    assert parse_addr(addr) == (host, port)
+
+
+@pytest.mark.parametrize("addr", ["nowhere", "9464", "host:", "host:65536", "host:-1", "host:9x"])
+def test_a_bad_health_addr_is_a_usage_error(capsys: pytest.CaptureFixture[str], addr: str) -> None:
+    assert main(["run", "--health-addr", addr]) == 2
+    assert capsys.readouterr().err == (
+        f"error: argument --health-addr: expected HOST:PORT, got {addr!r} "
+        "(see 'herder run --help')\n"
+    )
+    with pytest.raises(ValueError, match="expected HOST:PORT"):
+        parse_addr(addr)
 
 
 @pytest.mark.parametrize(
@@ -472,3 +515,53 @@ async def test_run_serves_until_sigterm(db_url: str, conn: db.Connection, tmp_pa
     events = [json.loads(line) for line in out.read_text().splitlines() if line.startswith("{")]
     serving = next(event for event in events if event["event"] == "serving")
     assert serving["concurrency"] == 3  # from HERDER_CONCURRENCY
+
+
+async def test_run_name_reaches_the_daemon(
+    db_url: str, conn: db.Connection, tmp_path: Path
+) -> None:
+    name = "cli-named-daemon"
+    out = tmp_path / "stdout"
+    # ":0": every interface, as the health server takes it.
+    command = [sys.executable, "-m", "herder", "run", "--name", name, "--health-addr", ":0"]
+    with out.open("wb") as stdout:
+        process = await anyio.open_process(
+            [*command, "--poll-interval", "0.2", "--shutdown-timeout", "0"],
+            env=_env(db_url),
+            stdout=stdout,
+            stderr=stdout,
+        )
+        try:
+            job_id = await conn.fetchval(
+                "INSERT INTO herder.jobs (kind, payload) "
+                "VALUES ('synthetic', '{\"tasks\": 1, \"task_ms\": 600000}') RETURNING id"
+            )
+
+            async def claimed() -> str | None:
+                if process.returncode is not None:
+                    raise AssertionError(f"herder run exited early: {out.read_text()}")
+                worker: str | None = await conn.fetchval(
+                    "SELECT worker FROM herder.tasks WHERE job_id = $1 AND status = 'IN_PROGRESS'",
+                    job_id,
+                )
+                return worker
+
+            assert await wait_for(claimed, timeout=30, what="the task to start") == name
+            events = [json.loads(line) for line in out.read_text().splitlines() if line[:1] == "{"]
+            serving = next(event for event in events if event["event"] == "serving")
+            port = serving["health"].rpartition(":")[2]
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
+                session.get(f"http://127.0.0.1:{port}/healthz") as response,
+            ):
+                health = await response.json()
+            process.send_signal(signal.SIGTERM)
+            with anyio.fail_after(30):
+                code = await process.wait()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+    assert code == 0, out.read_text()
+    assert serving["name"] == health["name"] == name

@@ -24,6 +24,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from herder.address import parse_addr
 from herder.states import JOB_FINISHED, JobStatus, TaskStatus
 from herder.status import DaemonStatus
 from herder.store import Store
@@ -36,15 +37,6 @@ DATABASE_TIMEOUT = 1.0
 #: (``herder_jobs_settled_total`` counts them) and counting them would grow with it.
 ACTIVE_JOB_STATUSES = tuple(s.value for s in JobStatus if s not in JOB_FINISHED)
 QUEUE_STATUSES = (TaskStatus.PENDING.value, TaskStatus.IN_PROGRESS.value)
-
-
-def parse_addr(addr: str) -> tuple[str | None, int]:
-    """``HOST:PORT``, ``[IPv6]:PORT`` or ``:PORT`` (every interface); port 0 = any free."""
-    host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"health address {addr!r} is not HOST:PORT")
-    host = host.removeprefix("[").removesuffix("]")
-    return host or None, int(port)
 
 
 class LoopMonitor:
