@@ -169,6 +169,7 @@ KNOWN = {
     "jobs_not_running",
     "rescue_expired_tasks",
     "settle_candidates",
+    "prefer_indexes",
     "lock_for_settlement",
     "task_counts",
     "apply_settlements",

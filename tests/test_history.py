@@ -17,6 +17,8 @@ from herder.store import Store
 HISTORY_JOBS = 10
 TASKS_PER_JOB = 5_000
 #: The indexes of tasks that start with job_id: any of them narrows a read to one job.
+#: The statements of Store._settle_batch.
+SETTLEMENT = {"lock_for_settlement", "task_counts", "apply_settlements"}
 JOB_INDEXES = {"tasks_job_idx", "tasks_pending_idx", "tasks_running_idx", "tasks_problems_idx"}
 
 
@@ -157,3 +159,45 @@ async def test_counts_of_a_history_are_exact_and_survive_folding_and_retention(
         )
         == 0
     )
+
+
+async def test_statements_on_many_jobs_read_them_by_index_even_on_stale_statistics(
+    conn: db.Connection,
+) -> None:
+    """Statistics taken while the jobs table was small (a fresh service, or one whose
+    history is a few big jobs) make a scan of every job look cheap; thousands of small
+    jobs submitted before the next analyze then paid that scan in every statement that
+    names a batch of them (start_jobs cost 46 ms a claim). Each must read its jobs by
+    index whatever the statistics say."""
+    await conn.execute("INSERT INTO herder.jobs (kind, status) VALUES ('synthetic', 'SUCCESS')")
+    await conn.execute("ANALYZE herder.jobs")
+    ids: list[int] = [
+        r["id"]
+        for r in await conn.fetch(
+            "INSERT INTO herder.jobs (kind, status) "
+            "SELECT 'synthetic', 'PENDING' FROM generate_series(1, 5000) RETURNING id"
+        )
+    ]
+    batch = ids[2000:2050]
+    cases: list[tuple[str, tuple[Any, ...]]] = [
+        ("start_jobs", (batch,)),
+        ("lock_for_settlement", (batch,)),
+        ("settle_candidates", (batch,)),
+        ("task_counts", (batch,)),
+        ("apply_settlements", (batch, ["SUCCESS"] * 50, [None] * 50, [False] * 50, [False] * 50)),
+        ("claim_preparations", ("d", 30.0, 64)),
+        (
+            "write_small_preparations",
+            (batch, [1] * 50, [3] * 50, [1] * 50, "d", batch, [0] * 50, ["{}"] * 50),
+        ),
+        ("jobs_not_running", (batch,)),
+    ]
+    for query, args in cases:
+        async with conn.transaction():
+            if query in SETTLEMENT:  # Store._settle_batch: one transaction preferring indexes
+                await conn.execute(Q["prefer_indexes"])
+            scans = await _plan(conn, Q[query], *args)
+        assert not [s for s in scans if s[0] == "Seq Scan" and s[1] in ("jobs", "tasks")], (
+            query,
+            scans,
+        )

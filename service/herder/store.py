@@ -16,6 +16,8 @@ from herder.kinds import runs_finish_hook
 from herder.sql import QUERIES as Q
 from herder.states import JOB_HOOKED, JobStatus, Settlement, TaskCounts, settle
 
+#: A job with no counts row and no deltas: it prepared no task.
+NO_TASKS = TaskCounts()
 CONTROL_ACTIONS = ("cancel", "resume", "retry", "restart", "verify")
 COPY_THRESHOLD = 1000
 #: Rows one statement of a batched control touches: small enough that no statement holds
@@ -453,6 +455,7 @@ class Store:
         """Lock the jobs, read their counts, and settle those that can: four round trips
         for the whole batch (a job is locked only when it looked finished)."""
         async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(Q["prefer_indexes"])
             locked = await conn.fetch(Q["lock_for_settlement"], job_ids)
             if not locked:
                 return []
@@ -462,7 +465,7 @@ class Store:
             }
             settled = []
             for row in locked:
-                settlement = settle(JobStatus(row["status"]), counts[row["id"]])
+                settlement = settle(JobStatus(row["status"]), counts.get(row["id"], NO_TASKS))
                 if settlement is not None:
                     settled.append(SettledJob(row["id"], row["kind"], settlement))
             if settled:
