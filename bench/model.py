@@ -111,6 +111,11 @@ class History:
     many_jobs: int
     many_jobs_rate_empty: float
     many_jobs_rate_after: float
+    # the same workloads, tasks per second from submission to the last settlement
+    one_job_settle_empty: float
+    one_job_settle_after: float
+    many_jobs_settle_empty: float
+    many_jobs_settle_after: float
     show_ms_big_job: float  # median, the queries `herder show` runs
     show_ms_single_task_job: float
     per_job_plan: list[str] = field(default_factory=list)
@@ -121,8 +126,14 @@ class History:
 
     @property
     def spread_ratio(self) -> float:
-        """Many small jobs against one big job, both after the history."""
+        """Many small jobs against one big job, both after the history, first task
+        start to last task end."""
         return self.many_jobs_rate_after / self.one_job_rate_after
+
+    @property
+    def spread_settle_ratio(self) -> float:
+        """The same, submission to last settlement: each charged its preparation."""
+        return self.many_jobs_settle_after / self.one_job_settle_after
 
 
 @dataclass
