@@ -25,8 +25,8 @@ from bench.model import Latency, Prepare, Profile, ScaleOut, Soak, Throughput, p
 from bench.options import Options
 from bench.sysstat import CpuMeter
 from herder import db
+from herder.states import JOB_FINISHED
 
-FINISHED = ("SUCCESS", "WARNING", "FAILURE", "CANCELED")
 POLL = 0.25  # how often the job's row is read to see it settle
 # Counting unfinished tasks for the progress bar costs the database real time (a count
 # over the partial index, up to tens of ms with 100,000s queued): do it seldom.
@@ -129,7 +129,7 @@ async def wait_settled(
         )
         assert row is not None
         status: str = row["status"]
-        if status in FINISHED:
+        if status in JOB_FINISHED:
             progress.update(bar, completed=total)
             return status
         if row["prepared_at"] is not None and time.monotonic() >= next_count:
@@ -347,7 +347,7 @@ async def measure_latency(conn: db.Connection, opts: Options, progress: Progress
     while await conn.fetchval(
         "SELECT count(*) FROM herder.jobs WHERE id = ANY($1::bigint[]) AND status <> ALL($2)",
         ids,
-        list(FINISHED),
+        list(JOB_FINISHED),
     ):
         if time.monotonic() > deadline:
             raise PhaseTimeout("latency jobs not settled after 60s")
@@ -403,7 +403,7 @@ async def prepare_big_job(
                 )
                 assert row is not None
                 progress.update(bar, completed=row["prepared"])
-                if row["prepared_at"] is not None or row["status"] in FINISHED:
+                if row["prepared_at"] is not None or row["status"] in JOB_FINISHED:
                     break
                 if time.monotonic() > deadline:
                     raise PhaseTimeout(f"preparation not done after {opts.timeout}s")
@@ -455,7 +455,7 @@ async def soak(server: Server, opts: Options, progress: Progress) -> Soak:
                     " ORDER BY id",
                     ids,
                 )
-                live = [r for r in statuses if r["status"] not in FINISHED]
+                live = [r for r in statuses if r["status"] not in JOB_FINISHED]
                 if pending_sizes and len(live) < 2:
                     ids.append(await submit(conn, {"tasks": pending_sizes.pop(0)}))
                     continue

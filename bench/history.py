@@ -16,10 +16,11 @@ import anyio
 from rich.progress import Progress
 
 from bench.dbs import Server
-from bench.herder_runs import FINISHED, PhaseTimeout, daemons
+from bench.herder_runs import PhaseTimeout, daemons
 from bench.model import History
 from bench.options import Options
 from herder import db
+from herder.states import JOB_FINISHED
 from herder.store import Store
 
 POLL = 0.1
@@ -133,7 +134,7 @@ async def _run(
             "AND id BETWEEN $1 AND $2",
             first,
             last,
-            list(FINISHED),
+            list(JOB_FINISHED),
         )
         progress.update(bar, completed=done)
         if done == len(job_ids):

@@ -163,12 +163,6 @@ class Profile:
     db_samples: int = 0
 
 
-@dataclass
-class Memory:
-    peak_rss_mb: float
-    by_phase: dict[str, float] = field(default_factory=dict)
-
-
 def percentile(values: list[float], q: float) -> float:
     """Linear-interpolated percentile (0..100) of ``values``."""
     if not values:

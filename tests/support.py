@@ -20,10 +20,9 @@ import herder
 from herder import db
 from herder.daemon import Daemon, DaemonConfig
 from herder.kinds import Kind
+from herder.states import JOB_FINISHED
 
 T = TypeVar("T")
-
-FINISHED = ("SUCCESS", "WARNING", "FAILURE", "CANCELED")
 
 
 #: The ``login`` fixture: ``await login("herder_submitter")`` -> (role name, connection).
@@ -86,7 +85,7 @@ async def wait_finished(conn: db.Connection, job_id: int, timeout: float = 30.0)
 
     async def finished() -> dict[str, Any] | None:
         row = await job_row(conn, job_id)
-        return row if row["status"] in FINISHED else None
+        return row if row["status"] in JOB_FINISHED else None
 
     return await wait_for(finished, timeout=timeout, what=f"job {job_id} to settle")
 

@@ -21,8 +21,9 @@ from herder import db
 from herder.address import parse_addr
 from herder.cli import build_parser, env_var, main
 from herder.cli.commands import COMMANDS
+from herder.states import JOB_FINISHED
 from herder.store import Store
-from tests.support import FINISHED, job_row, running_daemon, wait_finished, wait_for
+from tests.support import job_row, running_daemon, wait_finished, wait_for
 
 UNREACHABLE = "postgresql://postgres@127.0.0.1:1/x"
 
@@ -498,7 +499,7 @@ async def test_run_serves_until_sigterm(db_url: str, conn: db.Connection, tmp_pa
                 if process.returncode is not None:
                     raise AssertionError(f"herder run exited early: {err.read_text()}")
                 job = await job_row(conn, job_id)
-                return job if job["status"] in FINISHED else None
+                return job if job["status"] in JOB_FINISHED else None
 
             job = await wait_for(settled, timeout=30, what=f"job {job_id} to settle")
             assert job["status"] == "SUCCESS"

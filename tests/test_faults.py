@@ -30,8 +30,9 @@ import herder.daemon
 from herder import db
 from herder.kinds import Kind, get_kind
 from herder.sql import QUERIES
+from herder.states import JOB_FINISHED
 from tests.faults import INJECTED, Fault, FaultyPool, Mode, Watch, describe, faulty_daemon
-from tests.support import FINISHED, wait_for, with_database
+from tests.support import wait_for, with_database
 
 LEASE = 1.0
 # ----------------------------------------------------------------- which queries
@@ -339,7 +340,7 @@ async def settled(conn: db.Connection, job_ids: list[int]) -> bool:
     n = await conn.fetchval(
         "SELECT count(*) FROM herder.jobs WHERE id = ANY($1::bigint[]) AND status = ANY($2)",
         job_ids,
-        list(FINISHED),
+        list(JOB_FINISHED),
     )
     return bool(n == len(job_ids))
 
@@ -364,7 +365,7 @@ async def check(
         refused = INJECTED in (job["message"] or "") or any(
             INJECTED in (t["message"] or "") for t in tasks
         )
-        if job["status"] not in FINISHED:
+        if job["status"] not in JOB_FINISHED:
             problems.append(f"{label} never settled: {job['status']} {job['message']!r}")
             continue
         if job["status"] != want.status and not (job["status"] == "FAILURE" and refused):
@@ -375,7 +376,7 @@ async def check(
             problems.append(f"{label} settled {job['status']} with no message")
         if want.message_has and not refused and want.message_has not in (job["message"] or ""):
             problems.append(f"{label}: message {job['message']!r} lacks {want.message_has!r}")
-        stranded = [(t["seq"], t["status"]) for t in tasks if t["status"] not in FINISHED]
+        stranded = [(t["seq"], t["status"]) for t in tasks if t["status"] not in JOB_FINISHED]
         if stranded:
             problems.append(f"{label} settled with tasks stranded: {stranded[:5]}")
         if want.status != "CANCELED" and not refused and len(tasks) != want.tasks:

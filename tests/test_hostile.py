@@ -33,8 +33,9 @@ from hypothesis import strategies as st
 import herder
 from herder import db
 from herder.kinds import Kind
+from herder.states import JOB_FINISHED
 from tests.faults import Watch, describe, faulty_daemon
-from tests.support import FINISHED, wait_for
+from tests.support import wait_for
 
 T = TypeVar("T")
 LEASE = 1.0
@@ -356,7 +357,7 @@ async def play(url: str, scenario: Scenario) -> list[str]:
                 if not all_alive():
                     return True
                 n = await conn.fetchval(
-                    "SELECT count(*) FROM herder.jobs WHERE status = ANY($1)", list(FINISHED)
+                    "SELECT count(*) FROM herder.jobs WHERE status = ANY($1)", list(JOB_FINISHED)
                 )
                 return bool(n == len(ids))
 
@@ -421,7 +422,7 @@ async def _check(conn: db.Connection, ids: list[int]) -> list[str]:
     )
     for job in jobs:
         label = f"job {job['id']} ({job['kind']} {job['payload']})"
-        if job["status"] not in FINISHED:
+        if job["status"] not in JOB_FINISHED:
             problems.append(f"{label} did not settle: {job['status']} {_short(job['message'])}")
         elif job["message"] is None:
             problems.append(f"{label} settled {job['status']} with no message")
@@ -436,7 +437,7 @@ async def _check(conn: db.Connection, ids: list[int]) -> list[str]:
                     f"{label} task {t['seq']}: {t['attempts']} attempts (base "
                     f"{t['attempts_base']}) over the budget of {job['max_attempts']}"
                 )
-            if job["status"] in FINISHED and t["status"] in ("PENDING", "IN_PROGRESS"):
+            if job["status"] in JOB_FINISHED and t["status"] in ("PENDING", "IN_PROGRESS"):
                 problems.append(f"{label} settled with task {t['seq']} {t['status']}")
         if job["kind"] in HOOKED_KINDS:
             for status in ("SUCCESS", "WARNING", "FAILURE"):

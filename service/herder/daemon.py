@@ -15,6 +15,7 @@ import anyio.abc
 import structlog
 
 from herder import db
+from herder import listener as channels
 from herder.coordinator import Coordinator
 from herder.health import HealthServer
 from herder.hooks import HookRunner
@@ -22,7 +23,7 @@ from herder.kinds import check_kinds, load_app
 from herder.listener import Listener
 from herder.maintenance import Maintenance
 from herder.metrics import Metrics
-from herder.resilience import TRANSIENT, supervise
+from herder.resilience import TRANSIENT, Backoff, supervise
 from herder.status import DaemonStatus
 from herder.store import Store
 from herder.systemd import Notifier, status_line
@@ -188,27 +189,26 @@ class Daemon:
     def _on_notify(self, channel: str, _payload: str) -> None:
         """Wake the loop concerned. A notification carries no authority: anyone may send
         one, with any payload, so none is read; the loops ask the database."""
-        if channel == "herder_tasks":
+        if channel == channels.TASKS:
             self.worker.wakeup.set()
-        elif channel == "herder_jobs":
+        elif channel == channels.JOBS:
             self.coordinator.wakeup.set()
             self.maintenance.look_soon()  # a resume or retry to carry out
-        elif channel == "herder_job_finished":
+        elif channel == channels.JOB_FINISHED:
             self.hooks.wakeup.set()
-        elif channel == "herder_cancel":
+        elif channel == channels.CANCEL:
             self.maintenance.look_soon()
 
 
 async def _create_pool_when_reachable(
     url: str, *, min_size: int, max_size: int, reset: bool
 ) -> db.Pool:
-    delay = 0.1
+    backoff = Backoff(0.1, 5.0)
     while True:
         try:
             return await db.create_pool(
                 url, min_size=min_size, max_size=max_size, reset_sessions=reset
             )
         except TRANSIENT as exc:
-            log.warning("database unreachable; retrying", error=str(exc), retry_in=round(delay, 2))
-            await anyio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            log.warning("database unreachable; retrying", error=str(exc))
+            await backoff.wait()

@@ -3,7 +3,6 @@ notification costs at most one poll interval, and every reconnect wakes everythi
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 
 import anyio
@@ -11,11 +10,21 @@ import asyncpg
 import structlog
 
 from herder import db
-from herder.resilience import TRANSIENT
+from herder.resilience import TRANSIENT, Backoff
 
 log = structlog.get_logger("herder.listener")
 
-CHANNELS = ("herder_jobs", "herder_tasks", "herder_cancel", "herder_job_finished")
+# The channels herder's SQL notifies (by these literal names: tests/test_schema.py checks
+# that the two agree). A notification is a wake-up only: its payload is never read.
+#: Jobs were inserted, resumed or retried: preparations to claim, controls to carry out.
+JOBS = "herder_jobs"
+#: Tasks became claimable.
+TASKS = "herder_tasks"
+#: A job was canceled or restarted: its running tasks must stop.
+CANCEL = "herder_cancel"
+#: A job settled: an on_finished hook may be due.
+JOB_FINISHED = "herder_job_finished"
+CHANNELS = (JOBS, TASKS, CANCEL, JOB_FINISHED)
 
 Handler = Callable[[str, str], None]
 
@@ -33,22 +42,21 @@ class Listener:
         self.reconnects = 0
 
     async def run(self) -> None:
-        delay = 0.1
+        backoff = Backoff(0.1, 5.0)
         while True:
             lost = anyio.Event()
             try:
                 conn = await db.connect(self.url)
             except _RETRY as exc:
-                log.warning("listener cannot connect", error=str(exc), retry_in=round(delay, 2))
-                await anyio.sleep(delay * random.uniform(0.5, 1.5))
-                delay = min(delay * 2, 5.0)
+                log.warning("listener cannot connect", error=str(exc))
+                await backoff.wait()
                 continue
             try:
                 conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
                 for channel in CHANNELS:
                     await conn.add_listener(channel, self._dispatch)
                 self.connected = True
-                delay = 0.1
+                backoff.reset()
                 log.info("listening", channels=list(CHANNELS))
                 # Anything committed while we were away was not notified: re-query now.
                 self.on_reconnect()

@@ -12,6 +12,8 @@ import anyio
 import asyncpg
 import structlog
 
+from herder.errors import innermost
+
 log = structlog.get_logger("herder")
 T = TypeVar("T")
 
@@ -35,6 +37,24 @@ TRANSIENT: tuple[type[BaseException], ...] = (
 )
 
 
+class Backoff:
+    """Waits that double from ``first`` up to ``cap`` seconds, each drawn from half to one
+    and a half times the current step, so that daemons which lost the database together
+    do not come back in step."""
+
+    def __init__(self, first: float, cap: float) -> None:
+        self.first = first
+        self.cap = cap
+        self.step = first
+
+    async def wait(self) -> None:
+        await anyio.sleep(self.step * random.uniform(0.5, 1.5))
+        self.step = min(self.step * 2, self.cap)
+
+    def reset(self) -> None:
+        self.step = self.first
+
+
 def is_transient(exc: BaseException) -> bool:
     """A transient error, or a group of nothing else: a task group wraps what its body
     and its tasks raise, so the coordinator's claim failing arrives as a group."""
@@ -51,25 +71,22 @@ async def supervise(name: str, loop: Callable[[], Awaitable[None]]) -> None:
     because a daemon exits only on SIGTERM/SIGINT (contract 3.9); the backoff keeps a
     loop that fails at once from spinning.
     """
-    delay = 0.05
+    backoff = Backoff(0.05, 5.0)
     while True:
         started = time.monotonic()
         try:
             await loop()
             return
         except Exception as exc:
-            first: BaseException = exc
-            while isinstance(first, BaseExceptionGroup):
-                first = first.exceptions[0]
+            first = innermost(exc)
             if time.monotonic() - started > 30:
-                delay = 0.05
+                backoff.reset()
             error = f"{type(first).__name__}: {first}"
             if is_transient(exc):
                 log.warning("database error; retrying", loop=name, error=error)
             else:
                 log.error("unexpected error; restarting", loop=name, error=error, exc_info=exc)
-            await anyio.sleep(delay * random.uniform(0.5, 1.5))
-            delay = min(delay * 2, 5.0)
+            await backoff.wait()
 
 
 async def retrying(
@@ -79,7 +96,7 @@ async def retrying(
     seconds; None when it never did. For writes that must not be dropped on one error (a
     hook's done-write, the hand-back at shutdown): each is fenced, so trying again is
     safe."""
-    delay = 0.05
+    backoff = Backoff(0.05, 2.0)
     with anyio.move_on_after(timeout):
         while True:
             try:
@@ -88,8 +105,7 @@ async def retrying(
                 log.warning(
                     "write failed; retrying", what=what, error=f"{type(exc).__name__}: {exc}"
                 )
-            await anyio.sleep(delay * random.uniform(0.5, 1.5))
-            delay = min(delay * 2, 2.0)
+            await backoff.wait()
     log.error("gave up", what=what, after_seconds=timeout)
     return None
 

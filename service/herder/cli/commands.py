@@ -43,9 +43,10 @@ from herder.cli.render import (
     settled,
     stdout,
 )
+from herder.errors import innermost
 from herder.eventloop import event_loop_options
 from herder.kinds import KindError
-from herder.resilience import TRANSIENT
+from herder.resilience import TRANSIENT, Backoff
 from herder.states import JobStatus
 from herder.store import CONTROL_ACTIONS, Store
 
@@ -89,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if level == "DEBUG":
             traceback.print_exception(exc)
-        return _report(_innermost(exc))
+        return _report(innermost(exc))
 
 
 def _database_url(args: argparse.Namespace) -> str:
@@ -106,13 +107,6 @@ def _database_url(args: argparse.Namespace) -> str:
     raise CliError(
         "no database: set DATABASE_URL, pass --database-url, or add --embedded", EXIT_USAGE
     )
-
-
-def _innermost(exc: BaseException) -> BaseException:
-    """The first real error inside the exception groups a task group wraps it in."""
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    return exc
 
 
 def _report(exc: BaseException) -> int:
@@ -227,14 +221,13 @@ async def cmd_run(args: argparse.Namespace, url: str) -> int:
 async def _migrate_when_reachable(url: str) -> int:
     """Like the daemon itself, wait for a database that is not up yet (a service
     manager may start herder first); errors that waiting cannot fix end the command."""
-    delay = 0.5
+    backoff = Backoff(0.5, 5.0)
     while True:
         try:
             return await _migrate(url)
         except TRANSIENT as exc:
-            log.warning("database unreachable; retrying", error=str(exc), retry_in=delay)
-            await anyio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            log.warning("database unreachable; retrying", error=str(exc))
+            await backoff.wait()
 
 
 def _submit_hint(url: str) -> str:

@@ -29,6 +29,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+from herder.errors import innermost
+
 if TYPE_CHECKING:
     from herder.db import Pool
 
@@ -147,10 +149,9 @@ def message_of(exc: BaseException) -> str:
 def describe(exc: BaseException | None) -> str:
     """``Type: message`` for an exception raised by a kind's code (for a group, its first
     exception)."""
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
     if exc is None:
         return "unknown error"
+    exc = innermost(exc)
     text = message_of(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
