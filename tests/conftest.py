@@ -21,7 +21,7 @@ from herder import db, logs
 from herder.kinds import Kind, TaskContext, unregister
 from herder.store import Store
 from tests.private_pg import PrivatePostgres
-from tests.support import DaemonProcess, Login, as_role, with_database
+from tests.support import DaemonProcess, Login, as_role, cloned_database, with_database
 
 # One template per test run: two runs sharing a server (TEST_DATABASE_URL) must not
 # drop each other's template mid-run.
@@ -93,13 +93,8 @@ async def template_url(server_url: str) -> AsyncIterator[str]:
 async def db_url(server_url: str, template_url: str) -> AsyncIterator[str]:
     """A fresh database with the herder schema, dropped after the test."""
     name = f"herder_test_{os.getpid()}_{next(_counter)}"
-    admin = await db.connect(server_url)
-    try:
-        await admin.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
-        yield with_database(server_url, name)
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await admin.close()
+    async with cloned_database(server_url, name, TEMPLATE) as url:
+        yield url
 
 
 @pytest.fixture

@@ -41,6 +41,20 @@ def with_database(url: str, database: str) -> str:
     return urlunsplit(parts._replace(path=f"/{database}"))
 
 
+@asynccontextmanager
+async def cloned_database(server_url: str, name: str, template: str) -> AsyncIterator[str]:
+    """A database ``name`` cloned from ``template`` (dropped first if a crashed run left
+    it), its URL, and dropped afterwards."""
+    admin = await db.connect(server_url)
+    try:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.execute(f"CREATE DATABASE {name} TEMPLATE {template}")
+        yield with_database(server_url, name)
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await admin.close()
+
+
 async def wait_for(
     probe: Callable[[], Awaitable[T | None]],
     *,

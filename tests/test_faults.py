@@ -32,7 +32,7 @@ from herder.kinds import Kind, get_kind
 from herder.sql import QUERIES
 from herder.states import JOB_FINISHED
 from tests.faults import INJECTED, Fault, FaultyPool, Mode, Watch, describe, faulty_daemon
-from tests.support import wait_for, with_database
+from tests.support import cloned_database, wait_for
 
 LEASE = 1.0
 # ----------------------------------------------------------------- which queries
@@ -572,16 +572,9 @@ def report(fault: Fault, watch: Watch, problems: list[str]) -> str:
 async def shared_db_url(server_url: str, template_url: str) -> AsyncIterator[str]:
     """One database for the whole parametrized run (a database per case costs more than
     most cases); each case starts by emptying it."""
-    name = f"herder_faults_{os.getpid()}"
     template = urlsplit(template_url).path.lstrip("/")
-    admin = await db.connect(server_url)
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        await admin.execute(f"CREATE DATABASE {name} TEMPLATE {template}")
-        yield with_database(server_url, name)
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await admin.close()
+    async with cloned_database(server_url, f"herder_faults_{os.getpid()}", template) as url:
+        yield url
 
 
 @pytest.fixture
