@@ -68,7 +68,7 @@ async def supervise(name: str, loop: Callable[[], Awaitable[None]]) -> None:
 
     A transient error is the database being away. Anything else is a bug or something no
     one foresaw: it is logged with its traceback, and the loop starts again all the same,
-    because a daemon exits only on SIGTERM/SIGINT (contract 3.9); the backoff keeps a
+    because a daemon exits only on SIGTERM or SIGINT; the backoff keeps a
     loop that fails at once from spinning.
     """
     backoff = Backoff(0.05, 5.0)

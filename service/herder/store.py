@@ -191,11 +191,11 @@ class Store:
         async with self.pool.acquire() as conn:
             _copy, unchecked = await self._modes(conn)
             async with conn.transaction():
-                # The foreign key's per-row checks are a fifth of this statement's cost,
-                # and these rows need none: the statement writes them only for jobs it
-                # holds locked. (The jobs' own row triggers are skipped with them: the
-                # only one an UPDATE of `prepared` fires checks max_tasks_per_job, which
-                # the preparation has already enforced.)
+                # The foreign key checks each row with a query of its own, and these rows
+                # need none: the statement writes them only for jobs it holds locked.
+                # (The jobs' own row triggers are skipped with them: the only one an
+                # UPDATE of `prepared` fires checks max_tasks_per_job, which the
+                # preparation has already enforced.)
                 if unchecked:
                     await conn.execute(Q["skip_row_triggers"])
                 rows = await conn.fetch(Q["write_small_preparations"], *args)
@@ -249,8 +249,8 @@ class Store:
                 return written is not None
             try:
                 async with conn.transaction():
-                    # The foreign key checks each row with a query of its own, half of
-                    # what a COPY costs the server. These rows need no check: this same
+                    # The foreign key checks each row with a query of its own, the
+                    # costliest part of a COPY. These rows need no check: this same
                     # transaction commits them only if the fenced write below finds their
                     # job, and locks it against deletion until then.
                     if unchecked:

@@ -326,8 +326,8 @@ SET LOCAL enable_seqscan = off;
 -- whose snapshot sees everything committed before these locks were granted.)
 -- Every lock herder takes on a job row to change it is NO KEY UPDATE: it excludes every
 -- other change, but not the KEY SHARE that inserting tasks and folding counts take to
--- keep the job from being deleted under them (FOR UPDATE waited for those: measured, a
--- settlement of many small jobs queued behind each fold).
+-- keep the job from being deleted under them (FOR UPDATE waited for those: a settlement
+-- of many small jobs queued behind each fold).
 SELECT id, status, kind FROM herder.jobs
 WHERE id = ANY($1::bigint[]) AND status IN ('PENDING', 'IN_PROGRESS', 'CANCELING')
   AND reopening IS NULL
@@ -385,8 +385,8 @@ FROM job;
 -- name: task_counts
 -- The jobs' counts: their job_counts rows plus their unfolded deltas (see job_counts in
 -- schema.sql), by index, never a scan of their tasks. The daemon reads the tables itself,
--- for a whole batch of jobs in one plan: herder.task_counts, a function per job, cost
--- it five times as much. A job with no row has no tasks.
+-- for a whole batch of jobs in one plan, rather than calling herder.task_counts once per
+-- job. A job with no row has no tasks.
 SELECT x.job_id AS id, sum(x.pending)::bigint AS pending,
        sum(x.in_progress)::bigint AS in_progress, sum(x.success)::bigint AS success,
        sum(x.warning)::bigint AS warning, sum(x.failure)::bigint AS failure,
