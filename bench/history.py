@@ -1,4 +1,4 @@
-"""The history phase (issue 10): a month of finished tasks must slow nothing.
+"""The history phase: a month of finished tasks must slow nothing.
 
 On one database and one daemon: the workloads run on empty tables, then a history of
 finished tasks is built, and they run again. Reported: each workload's rate before and

@@ -135,7 +135,7 @@ class Results:
         table.add_column("herder", justify="right")
         table.add_column("procrastinate", justify="right")
         table.add_column("ratio", justify="right")
-        table.add_column("target (issue 5)")
+        table.add_column("target")
         verdicts = {t["name"]: t["met"] for t in self.targets()}
 
         def mark(*names: str) -> str:

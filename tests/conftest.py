@@ -1,5 +1,4 @@
-"""PostgreSQL for the tests, provisioned as CONTRACT.md section 1 says:
-TEST_DATABASE_URL if set, else a testcontainers container when a Docker engine answers,
+"""PostgreSQL for the tests: TEST_DATABASE_URL if set, else a testcontainers container when a Docker engine answers,
 else an embedded server (pgserver). Each test gets a fresh, migrated database cloned
 from a template, so tests never see each other's jobs."""
 

@@ -1,4 +1,4 @@
-"""A month of history must slow nothing (issue 10): every per-job read and write goes
+"""A month of history must slow nothing: every per-job read and write goes
 through an index that starts with the job, so a planner change cannot silently bring
 back a scan of the whole table. The history is built the way the daemon writes it:
 inserted PENDING, then updated, so every row version has moved."""

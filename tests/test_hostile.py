@@ -489,7 +489,7 @@ def _items(*items: dict[str, Any], **options: Any) -> JobSpec:
     return _hostile_spec({"items": list(items), **options})
 
 
-#: The cases of issue 9, always run (Phase.explicit) before the random ones.
+#: The containment cases, always run (Phase.explicit) before the random ones.
 EXAMPLES = [
     Scenario(
         [
