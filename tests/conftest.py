@@ -1,6 +1,6 @@
-"""PostgreSQL for the tests: TEST_DATABASE_URL if set, else a testcontainers container when a Docker engine answers,
-else an embedded server (pgserver). Each test gets a fresh, migrated database cloned
-from a template, so tests never see each other's jobs."""
+"""PostgreSQL for the tests: TEST_DATABASE_URL if set, else a testcontainers container
+when a Docker engine answers, else an embedded server (pgserver). Each test gets a fresh,
+migrated database cloned from a template, so tests never see each other's jobs."""
 
 from __future__ import annotations
 
