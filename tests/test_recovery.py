@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 
 import aiohttp
+import asyncpg
 import pytest
 
 from herder import db
@@ -284,5 +285,40 @@ async def test_three_daemons_share_the_work_and_run_each_task_once(
             daemon.signal(signal.SIGTERM)
         for daemon in fleet:
             assert await daemon.exited() == 0
+    finally:
+        await conn.close()
+
+
+async def test_a_daemon_restarted_under_its_name_rescues_what_it_ran_before(
+    private_db_url: str, daemons: Daemons
+) -> None:
+    """A daemon never takes over its own expired leases (it may only be slow to renew
+    them), so a crashed daemon started again with the same --name must recognise the
+    tasks its previous process held: they started before it did."""
+    conn = await db.connect(private_db_url)
+    try:
+        first = daemons(private_db_url, *FAST, "--name", "web-1")
+        await first.ready()
+        job_id = await submit(conn, "synthetic", {"tasks": 1, "task_ms": 60_000})
+        await wait_for(
+            lambda: count(conn, "status = 'IN_PROGRESS'", job_id), what="the task to start"
+        )
+        await first.kill()
+        again = daemons(private_db_url, *FAST, "--name", "web-1")
+        await again.ready()
+
+        async def second_attempt() -> asyncpg.Record | None:
+            row: asyncpg.Record | None = await conn.fetchrow(
+                "SELECT status, attempts, worker, message FROM herder.tasks WHERE job_id = $1",
+                job_id,
+            )
+            return row if row is not None and row["attempts"] == 2 else None
+
+        row = await wait_for(second_attempt, timeout=20, what="the task to run again")
+        assert (row["status"], row["worker"]) == ("IN_PROGRESS", "web-1")
+        assert row["message"] == "worker lost on attempt 1 (web-1, restarted)"
+        await conn.execute("SELECT herder.cancel_job($1)", job_id)  # not another minute
+        again.signal(signal.SIGTERM)
+        assert await again.exited() == 0
     finally:
         await conn.close()

@@ -23,7 +23,7 @@ from herder.kinds import check_kinds, load_app
 from herder.listener import Listener
 from herder.maintenance import Maintenance
 from herder.metrics import Metrics
-from herder.resilience import TRANSIENT, Backoff, supervise
+from herder.resilience import TRANSIENT, Backoff, retrying, supervise
 from herder.status import DaemonStatus
 from herder.store import Store
 from herder.systemd import Notifier, status_line
@@ -109,6 +109,8 @@ class Daemon:
         )
         try:
             self.store = Store(pool, app_pool)
+            started = await retrying("read the database's clock", self.store.database_clock)
+            assert started is not None  # retried without a time limit
             self.worker = Worker(
                 self.store,
                 self.name,
@@ -139,6 +141,7 @@ class Daemon:
                 lease=cfg.lease_seconds,
                 retention=cfg.retention_seconds,
                 wake_all=self._wake_all,
+                started=started,
             )
             self._built = True
             async with anyio.create_task_group() as tg:

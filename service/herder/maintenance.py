@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
+from datetime import datetime
 
 import anyio
 import structlog
@@ -42,7 +43,10 @@ class Maintenance:
         lease: float,
         retention: float,
         wake_all: Callable[[], None],
+        started: datetime,
     ) -> None:
+        """``started``: the database's clock before this daemon claimed anything. Tasks
+        of this daemon's name that started earlier belong to a previous process."""
         self.store = store
         self.name = name
         self.worker = worker
@@ -52,6 +56,7 @@ class Maintenance:
         self.lease = lease
         self.retention = retention
         self.wake_all = wake_all
+        self.started = started
         #: False while the last sweep could not reach the database.
         self.database_ok = True
         self._look_now = Wakeup()
@@ -87,7 +92,9 @@ class Maintenance:
         self.metrics.settled(await self.store.settle(None))
         if not full:
             return
-        for task_id, job_id, status in await self.store.rescue_expired_tasks(self.name):
+        for task_id, job_id, status in await self.store.rescue_expired_tasks(
+            self.name, self.started
+        ):
             self.metrics.tasks_rescued.inc()
             log.warning("rescued task of a lost worker", task_id=task_id, job_id=job_id, now=status)
         for job_id in await self.store.stale_jobs():

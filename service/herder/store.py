@@ -390,9 +390,12 @@ class Store:
         rows = await self.pool.fetch(Q["my_running_tasks"], worker)
         return {(r["id"], r["attempts"]) for r in rows}
 
-    async def rescue_expired_tasks(self, rescuer: str) -> list[tuple[int, int, str]]:
-        """Tasks whose lease ran out, other than ``rescuer``'s own."""
-        rows = await self.pool.fetch(Q["rescue_expired_tasks"], rescuer)
+    async def rescue_expired_tasks(
+        self, rescuer: str, started: datetime | None = None
+    ) -> list[tuple[int, int, str]]:
+        """Tasks whose lease ran out, other than ``rescuer``'s own, and ``rescuer``'s own
+        started before ``started`` (a previous process of the same name)."""
+        rows = await self.pool.fetch(Q["rescue_expired_tasks"], rescuer, started)
         return [(r["id"], r["job_id"], r["status"]) for r in rows]
 
     async def jobs_not_running(self, job_ids: Iterable[int]) -> set[int]:
@@ -553,6 +556,10 @@ class Store:
     async def max_result_bytes(self) -> int:
         value: int = await self.pool.fetchval(Q["max_result_bytes"])
         return value
+
+    async def database_clock(self) -> datetime:
+        now: datetime = await self.pool.fetchval(Q["database_clock"])
+        return now
 
     async def ping(self) -> None:
         await self.pool.fetchval(Q["ping"])

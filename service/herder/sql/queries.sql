@@ -257,12 +257,15 @@ SELECT id, attempts FROM herder.tasks WHERE status = 'IN_PROGRESS' AND worker = 
 
 -- name: rescue_expired_tasks
 -- Tasks whose worker died: back to PENDING, FAILURE once the attempts are spent,
--- CANCELED if their job is being canceled. Never the rescuer's own ($1): a daemon that
--- could not renew a lease for a while still runs the task, and renews it when it can.
+-- CANCELED if their job is being canceled. Not the rescuer's own ($1) whose lease ran
+-- out: a daemon that could not renew a lease for a while still runs the task, and
+-- renews it when it can. But its own started before it did ($2, its start on the
+-- database's clock) are a previous process's of the same name, restarted: lost too.
 WITH expired AS (
     SELECT id FROM herder.tasks
-    WHERE status = 'IN_PROGRESS' AND lease_until < clock_timestamp()
-      AND worker IS DISTINCT FROM $1
+    WHERE status = 'IN_PROGRESS'
+      AND (lease_until < clock_timestamp() AND worker IS DISTINCT FROM $1
+           OR worker = $1 AND started_at < $2)
     ORDER BY lease_until
     LIMIT 1000
     FOR UPDATE SKIP LOCKED
@@ -273,7 +276,7 @@ WITH expired AS (
         WHEN t.attempts - t.attempts_base >= j.max_attempts THEN 'FAILURE'
         ELSE 'PENDING' END,
     message = 'worker lost on attempt ' || t.attempts || ' (' || coalesce(t.worker, '?')
-        || ', lease expired)',
+        || CASE WHEN t.worker = $1 THEN ', restarted)' ELSE ', lease expired)' END,
     ended_at = CASE
         WHEN j.status IN ('PENDING', 'IN_PROGRESS')
              AND t.attempts - t.attempts_base < j.max_attempts THEN NULL
@@ -523,6 +526,9 @@ SELECT id, seq, status, attempts, message FROM herder.tasks
 WHERE job_id = $1 AND status IN ('FAILURE', 'WARNING')
 ORDER BY ended_at DESC NULLS LAST, id DESC
 LIMIT $2;
+
+-- name: database_clock
+SELECT clock_timestamp();
 
 -- name: ping
 SELECT 1;
