@@ -1,29 +1,24 @@
 """The worker side of a daemon: a claimer, N executors and a batching completer.
 
 The claimer keeps a bounded local queue filled with tasks claimed in batches; executors
-run them, each executor in a cancel scope it reuses across tasks (see ``_executor``);
-the completer writes outcomes many per statement, and the settler settles the jobs that
-may have finished. Every claimed task is *held* until its
-outcome is written (or it is handed back on shutdown), and the heartbeat renews the
-leases of everything held.
+run them (``execution.py``), each executor in a cancel scope it reuses across tasks (see
+``_executor``); the completer writes their outcomes and settles their jobs
+(``completer.py``). Every claimed task is *held* until its outcome is written (or it is
+handed back on shutdown), and the heartbeat renews the leases of everything held.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import time
-import traceback
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
 
 import anyio
-import asyncpg
 import structlog
 
-from herder.db import NotStorable, Undecodable, encode_json
-from herder.kinds import Kind, Retry, TaskContext, TaskWarning, describe, get_kind, message_of
+from herder.completer import Completer
+from herder.execution import canceled, execute
 from herder.metrics import Metrics
 from herder.resilience import TRANSIENT, keep_renewing, retrying, supervise
 from herder.signals import Wakeup
@@ -34,11 +29,11 @@ log = structlog.get_logger("herder.worker")
 
 # Why a running task's scope was cancelled; decides what is written for it.
 _JOB_STOPPED = "job stopped"
+_SHUTDOWN = "shutdown"
 #: Seconds of work the local queue holds by default (see Worker.prefetch).
 PREFETCH_HORIZON = 1.0
 #: Weight of the newest handler time in the moving average.
 TASK_SECONDS_WEIGHT = 0.05
-_SHUTDOWN = "shutdown"
 #: Seconds each shutdown write (outcomes, hand-back) is retried before the daemon exits.
 SHUTDOWN_WRITES = 10.0
 #: An executor lets the event loop run other things at least once per this many tasks.
@@ -78,23 +73,23 @@ class Worker:
         self._fixed_prefetch = prefetch
         self._mean_task_seconds: float | None = None  # moving average of handler time
         self.claim_batch = claim_batch
-        self.complete_batch = complete_batch
-        self.flush_seconds = flush_seconds
+        self.completer = Completer(
+            store,
+            metrics,
+            batch=complete_batch,
+            flush_seconds=flush_seconds,
+            poll_interval=poll_interval,
+            on_written=self._written,
+            held_jobs=lambda: self.held_job_ids,
+        )
         self.wakeup = Wakeup()  # new tasks may be claimable
         self._capacity = Wakeup()  # held tasks were written back
         self._work = Wakeup()  # the local queue has tasks
-        self._outcomes_ready = Wakeup()
-        #: Jobs of written outcomes, for the settler.
-        self._unsettled: set[int] = set()
-        self._settle_ready = Wakeup()
-        self._completer_done = anyio.Event()
         self._idle = Wakeup()  # nothing is running
         self._queue: deque[ClaimedTask] = deque()
         #: Every claimed attempt not yet written back, by (task id, attempt).
         self._held: dict[tuple[int, int], ClaimedTask] = {}
         self._running: dict[tuple[int, int], _Slot] = {}  # the slot running each attempt
-        self._outcomes: list[Outcome] = []
-        self._flush_lock = anyio.Lock()
         self._claiming = True
         self._executing = True
         self._next_retry_due = float("inf")
@@ -139,16 +134,15 @@ class Worker:
             self.max_result_bytes = await self.store.max_result_bytes()
         async with anyio.create_task_group() as tg:
             tg.start_soon(supervise, "claimer", self._claimer)
-            tg.start_soon(supervise, "completer", self._completer)
-            tg.start_soon(supervise, "settler", self._settler)
+            tg.start_soon(supervise, "completer", self.completer.run)
+            tg.start_soon(supervise, "settler", self.completer.run_settler)
             tg.start_soon(keep_renewing, "task leases", self._renew, self.lease / 3)
             task_status.started()
             async with anyio.create_task_group() as executors:
                 for _ in range(self.concurrency):
                     executors.start_soon(self._executor)
             # Executors are done (shutdown): let the completer drain, then stop.
-            self._outcomes_ready.set()
-            await self._completer_done.wait()
+            await self.completer.drain()
             tg.cancel_scope.cancel()
 
     async def _renew(self) -> bool:
@@ -177,9 +171,11 @@ class Worker:
         with anyio.CancelScope(shield=True):
             # Outcomes first (a finished task must not be handed back to run again),
             # then the rest, each tried again until it goes through or time runs out.
-            await retrying("write outcomes at shutdown", self._flush, timeout=SHUTDOWN_WRITES)
+            await retrying(
+                "write outcomes at shutdown", self.completer.flush, timeout=SHUTDOWN_WRITES
+            )
             with anyio.move_on_after(SHUTDOWN_WRITES), contextlib.suppress(*TRANSIENT):
-                await self._settle()  # or the next sweep, of any daemon, settles them
+                await self.completer.settle()  # or the next sweep, of any daemon, settles them
             held = list(self._held)
             handed_back = await retrying(
                 "hand back tasks at shutdown",
@@ -304,7 +300,7 @@ class Worker:
                     task = self._queue.popleft()
                     if self._queue:
                         self._work.set()
-                    self._finish(task, await self._run_in(slot, task))
+                    self._finish(await self._run_in(slot, task))
                     task = None
                     ran += 1
                     if ran % YIELD_EVERY == 0:
@@ -314,271 +310,37 @@ class Worker:
                     if slot.scope.cancel_called:
                         break  # the cancel came too late for its task: use a fresh slot
             if task is not None and _SHUTDOWN not in slot.reason:
-                self._finish(
-                    task, self._outcome(task, TaskStatus.CANCELED, "canceled while running")
-                )
+                self._finish(canceled(task, "canceled while running"))
 
-    async def _run_in(self, slot: _Slot, task: ClaimedTask) -> Outcome | None:
+    async def _run_in(self, slot: _Slot, task: ClaimedTask) -> Outcome:
         self._running[task.key] = slot
         try:
             started = time.monotonic()
-            outcome = await self._execute(task)
-            if outcome is not None:
-                outcome.seconds = seconds = time.monotonic() - started
-                mean = self._mean_task_seconds
-                self._mean_task_seconds = (
-                    seconds if mean is None else mean + (seconds - mean) * TASK_SECONDS_WEIGHT
-                )
+            outcome = await execute(task, self.store.app_pool, self.max_result_bytes)
+            outcome.seconds = seconds = time.monotonic() - started
+            mean = self._mean_task_seconds
+            self._mean_task_seconds = (
+                seconds if mean is None else mean + (seconds - mean) * TASK_SECONDS_WEIGHT
+            )
             return outcome
         finally:
             del self._running[task.key]
             if not self._running:
                 self._idle.set()
 
-    def _finish(self, task: ClaimedTask, outcome: Outcome | None) -> None:
-        """Queue an outcome for the completer (None: the task is handed back instead)."""
-        if outcome is not None:
-            outcome.kind = task.kind
-            self._outcomes.append(outcome)
-            self._outcomes_ready.set()
+    def _finish(self, outcome: Outcome) -> None:
+        if outcome.status == TaskStatus.PENDING:
+            # A retry: the claimer looks for it again when it falls due (see _idle_wait).
+            self._next_retry_due = min(self._next_retry_due, time.monotonic() + outcome.delay)
+        self.completer.add(outcome)
         self._capacity.set()
 
-    async def _execute(self, task: ClaimedTask) -> Outcome | None:
-        attempt = task.attempts - task.attempts_base
-        kind = get_kind(task.kind)
-        if task.stopped:
-            return self._outcome(task, TaskStatus.CANCELED, "canceled before it started")
-        if kind is None:
-            return self._outcome(task, TaskStatus.FAILURE, f"unknown kind {task.kind!r}")
-        if isinstance(task.payload, Undecodable):
-            return self._outcome(
-                task, TaskStatus.FAILURE, f"task payload cannot be decoded: {task.payload.error}"
-            )
-        context = TaskContext(
-            id=task.id,
-            job_id=task.job_id,
-            seq=task.seq,
-            payload=task.payload,
-            attempt=attempt,
-            max_attempts=kind.max_attempts,
-            pool=self.store.app_pool,
-        )
-        try:
-            return self._result_outcome(task, await _call(kind, context))
-        except _TimedOut:
-            return self._failed(task, kind, attempt, f"timed out after {kind.timeout}s", None, True)
-        except Retry as exc:
-            message = message_of(exc) or "retry requested"
-            return self._failed(task, kind, attempt, message, exc.delay, True)
-        except Exception as exc:
-            retriable = isinstance(exc, kind.retry_on)
-            message = message_of(exc) or type(exc).__name__
-            return self._failed(task, kind, attempt, message, None, retriable)
-        except (SystemExit, KeyboardInterrupt, GeneratorExit) as exc:
-            # The handler's own end, not the daemon's: its task fails, never retried.
-            return self._failed(task, kind, attempt, describe(exc), None, False)
+    # ------------------------------------------------------------ written back
 
-    def _result_outcome(self, task: ClaimedTask, value: Any) -> Outcome:
-        status, message = TaskStatus.SUCCESS, None
-        if isinstance(value, TaskWarning):
-            status, message, value = TaskStatus.WARNING, _text(value.message), value.result
-        if value is None:
-            return self._outcome(task, status, message)
-        try:
-            result = encode_json(value)
-        except NotStorable as exc:
-            return self._outcome(
-                task,
-                TaskStatus.FAILURE,
-                f"process returned a result PostgreSQL cannot store: {exc}",
-            )
-        except Exception as exc:  # TypeError, ValueError, or a hostile __eq__/__str__
-            return self._outcome(
-                task,
-                TaskStatus.FAILURE,
-                f"process returned a result that is not JSON: {describe(exc)}",
-            )
-        if len(result) > self.max_result_bytes:
-            return self._outcome(
-                task,
-                TaskStatus.FAILURE,
-                f"process returned a result of {len(result)} bytes; the limit is "
-                f"{self.max_result_bytes} (herder.settings max_result_bytes)",
-            )
-        return self._outcome(task, status, message, result_json=result.decode())
-
-    def _failed(
-        self,
-        task: ClaimedTask,
-        kind: Kind,
-        attempt: int,
-        message: str,
-        delay: float | None,
-        retriable: bool,
-    ) -> Outcome:
-        trace = _traceback()
-        if retriable and attempt < kind.max_attempts:
-            wait = _retry_delay(kind, attempt, delay)
-            self._next_retry_due = min(self._next_retry_due, time.monotonic() + wait)
-            return self._outcome(
-                task,
-                TaskStatus.PENDING,
-                f"attempt {attempt} failed: {message}",
-                traceback=trace,
-                delay=wait,
-            )
-        if retriable:
-            message = f"gave up after {attempt} attempts: {message}"
-        log.warning(
-            "task failed", job_id=task.job_id, task_id=task.id, attempt=attempt, error=message
-        )
-        return self._outcome(task, TaskStatus.FAILURE, message, traceback=trace)
-
-    @staticmethod
-    def _outcome(
-        task: ClaimedTask,
-        status: TaskStatus,
-        message: str | None,
-        *,
-        result_json: str | None = None,
-        traceback: str | None = None,
-        delay: float = 0.0,
-    ) -> Outcome:
-        return Outcome(
-            task.id,
-            task.job_id,
-            task.attempts,
-            status.value,
-            message,
-            result_json,
-            traceback,
-            delay,
-        )
-
-    # ------------------------------------------------------------ completing
-
-    async def _completer(self) -> None:
-        while True:
-            if not self._outcomes:
-                if not self._executing and not self._running:
-                    self._completer_done.set()
-                    return
-                await self._outcomes_ready.wait(self.poll_interval)
-                continue
-            if len(self._outcomes) < self.complete_batch:
-                await anyio.sleep(self.flush_seconds)  # let a batch gather
-            await self._flush()
-
-    async def _flush(self) -> None:
-        async with self._flush_lock:
-            await self._flush_locked()
-
-    async def _flush_locked(self) -> None:
-        while self._outcomes:
-            batch = self._outcomes[: self.complete_batch]
-            # Removed only once written: a database outage retries the same batch, and
-            # writing an outcome twice changes nothing (the second is fenced out).
-            applied = await self._write(batch)
-            del self._outcomes[: len(batch)]
-            for outcome in batch:
-                self._held.pop(outcome.key, None)
-            self.metrics.finished((o.kind, o.status, o.seconds) for o in batch)
-            self._capacity.set()
-            if len(applied) < len(batch):
-                stale = len(batch) - len(applied)
-                log.info("discarded stale outcomes (canceled, rescued or restarted)", tasks=stale)
-            if any(o.status == TaskStatus.PENDING for o in batch):
-                self.wakeup.set()
-            self._unsettled.update(job_id for _, job_id in applied)
-            self._settle_ready.set()
-
-    async def _settler(self) -> None:
-        """Settles the jobs whose tasks the completer wrote. Apart from the completer, so
-        that the next batch of outcomes is written while these jobs settle: with many
-        small jobs, settling inline made every flush twice as long."""
-        while True:
-            await self._settle_ready.wait(self.poll_interval)
-            await self._settle()
-
-    async def _settle(self) -> None:
-        # A job this worker still holds a task of cannot settle yet (that task is
-        # running, or whoever took it from us settles), so it is not even asked: the
-        # candidate query is the costliest part of settling a big job.
-        jobs, self._unsettled = self._unsettled - self.held_job_ids, set()
-        if not jobs:
-            return
-        try:
-            self.metrics.settled(await self.store.settle(jobs))
-        except BaseException:
-            self._unsettled |= jobs  # tried again when the settler restarts
-            raise
-
-    async def _write(self, batch: list[Outcome]) -> list[tuple[int, int]]:
-        """complete_tasks, contained: when PostgreSQL refuses the batch for what one
-        outcome holds (anything but the database being away), the outcomes are written
-        one by one, and each refused one as a FAILURE that says why."""
-        try:
-            return await self.store.complete_tasks(batch)
-        except TRANSIENT:
-            raise
-        except asyncpg.PostgresError as exc:
-            log.error("completion batch refused; writing one by one", error=str(exc))
-        applied: list[tuple[int, int]] = []
+    def _written(self, batch: list[Outcome]) -> None:
+        """The completer wrote these outcomes: their tasks are no longer held."""
         for outcome in batch:
-            try:
-                applied += await self.store.complete_tasks([outcome])
-            except TRANSIENT:
-                raise
-            except asyncpg.PostgresError as exc:
-                log.error("outcome refused", task_id=outcome.task_id, error=str(exc))
-                refused = Outcome(
-                    outcome.task_id,
-                    outcome.job_id,
-                    outcome.attempt,
-                    TaskStatus.FAILURE.value,
-                    f"the database refused the task's outcome: {exc}",
-                    kind=outcome.kind,
-                    seconds=outcome.seconds,
-                )
-                applied += await self.store.complete_tasks([refused])
-        return applied
-
-
-def _text(value: object) -> str:
-    return value if isinstance(value, str) else message_of(Exception(value))
-
-
-def _traceback() -> str:
-    try:
-        return traceback.format_exc()
-    except Exception:  # a hostile exception can break the formatting too
-        return "(the traceback could not be formatted)"
-
-
-def _retry_delay(kind: Kind, attempt: int, asked: object) -> float:
-    """The delay a Retry asked for, clamped to [0, the kind's max_backoff]; the kind's
-    own backoff when it asked for none, or for something that is not a number."""
-    if asked is None:
-        return kind.retry_delay(attempt)
-    try:
-        delay = float(asked)  # type: ignore[arg-type]
-    except (TypeError, ValueError, OverflowError):
-        return kind.retry_delay(attempt)
-    if math.isnan(delay):
-        return kind.retry_delay(attempt)
-    return min(max(delay, 0.0), kind.max_backoff)
-
-
-class _TimedOut(Exception):
-    """The kind's timeout expired. Distinct from a TimeoutError the handler raises itself,
-    which is an ordinary failure (retried only if the kind declares it retriable)."""
-
-
-async def _call(kind: Kind, context: TaskContext) -> Any:
-    if kind.timeout is None:
-        return await kind.process_fn(context)
-    with anyio.move_on_after(kind.timeout) as deadline:
-        return await kind.process_fn(context)
-    if deadline.cancelled_caught:
-        raise _TimedOut
-    raise AssertionError("unreachable: the handler neither returned nor timed out")
+            self._held.pop(outcome.key, None)
+        self._capacity.set()
+        if any(o.status == TaskStatus.PENDING for o in batch):
+            self.wakeup.set()
