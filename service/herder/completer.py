@@ -94,8 +94,8 @@ class Completer:
 
     async def run_settler(self) -> None:
         """Settles the jobs whose tasks the completer wrote. Apart from the completer, so
-        that the next batch of outcomes is written while these jobs settle: with many
-        small jobs, settling inline made every flush twice as long."""
+        that the next batch of outcomes is written while these jobs settle (with many
+        small jobs, settling is as costly as the write)."""
         while True:
             await self._settle_ready.wait(self.poll_interval)
             await self.settle()

@@ -20,7 +20,7 @@ import structlog
 from herder.completer import Completer
 from herder.execution import canceled, execute
 from herder.metrics import Metrics
-from herder.resilience import TRANSIENT, keep_renewing, retrying, supervise
+from herder.resilience import TRANSIENT, Backoff, keep_renewing, retrying, supervise
 from herder.signals import Wakeup
 from herder.states import TaskStatus
 from herder.store import ClaimedTask, Outcome, Store
@@ -247,14 +247,13 @@ class Worker:
         """PENDING -> IN_PROGRESS for the jobs whose first tasks were just claimed, tried
         until it goes through (or shutdown hands the tasks back). Should it never go
         through, the tasks still run: settlement sets a job's started_at itself."""
-        delay = 0.05
+        backoff = Backoff(0.05, 2.0)
         while self._claiming:
             try:
                 latencies = await self.store.start_jobs(job_ids)
             except Exception as exc:
                 log.warning("could not mark jobs started; retrying", error=str(exc))
-                await anyio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                await backoff.wait()
                 continue
             for latency in latencies:
                 self.metrics.start_latency.observe(latency)
