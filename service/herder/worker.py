@@ -19,6 +19,7 @@ import structlog
 
 from herder.completer import Completer
 from herder.execution import canceled, execute
+from herder.kinds import plain
 from herder.metrics import Metrics
 from herder.resilience import TRANSIENT, Backoff, keep_renewing, retrying, supervise
 from herder.signals import Wakeup
@@ -130,6 +131,7 @@ class Worker:
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
+        plain.set_thread_limit(self.concurrency)
         with contextlib.suppress(*TRANSIENT):
             self.max_result_bytes = await self.store.max_result_bytes()
         async with anyio.create_task_group() as tg:

@@ -25,11 +25,12 @@ import importlib
 import os
 import random
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 from herder.errors import innermost
+from herder.kinds import plain
 
 if TYPE_CHECKING:
     from herder.db import Pool
@@ -114,9 +115,15 @@ class FinishedJob:
     pool: Pool = field(repr=False)
 
 
-PrepareFn: TypeAlias = Callable[[JobContext], AsyncIterator[JSON]]
-ProcessFn: TypeAlias = Callable[[TaskContext], Awaitable[JSON]]
-FinishedFn: TypeAlias = Callable[[FinishedJob], Awaitable[None]]
+#: What a kind declares: ``async`` or plain (plain ones run in worker threads, see
+#: herder.kinds.plain). A prepare is an (async) generator, or returns an iterable.
+PrepareFn: TypeAlias = Callable[[JobContext], "AsyncIterator[JSON] | Iterable[JSON]"]
+ProcessFn: TypeAlias = Callable[[TaskContext], Any]
+FinishedFn: TypeAlias = Callable[[FinishedJob], Any]
+# The decorators hand back the function as declared, type and all.
+_Prepare = TypeVar("_Prepare", bound=PrepareFn)
+_Process = TypeVar("_Process", bound=ProcessFn)
+_Finished = TypeVar("_Finished", bound=FinishedFn)
 
 _REGISTRY: dict[str, Kind] = {}
 
@@ -190,35 +197,36 @@ class Kind:
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.prepare_resumes = prepare_resumes
-        self._prepare: PrepareFn | None = None
-        self._process: ProcessFn | None = None
-        self._on_finished: FinishedFn | None = None
+        # As declared, made async (plain ones run in threads: herder.kinds.plain).
+        self._prepare: Callable[[JobContext], AsyncIterator[JSON]] | None = None
+        self._process: Callable[[TaskContext], Awaitable[JSON]] | None = None
+        self._on_finished: Callable[[FinishedJob], Awaitable[None]] | None = None
         _REGISTRY[name] = self
 
-    def prepare(self, fn: PrepareFn) -> PrepareFn:
-        self._prepare = fn
+    def prepare(self, fn: _Prepare) -> _Prepare:
+        self._prepare = plain.as_async_iterator(fn)
         return fn
 
-    def process(self, fn: ProcessFn) -> ProcessFn:
-        self._process = fn
+    def process(self, fn: _Process) -> _Process:
+        self._process = plain.as_async(fn, executor=True)
         return fn
 
-    def on_finished(self, fn: FinishedFn) -> FinishedFn:
-        self._on_finished = fn
+    def on_finished(self, fn: _Finished) -> _Finished:
+        self._on_finished = plain.as_async(fn)
         return fn
 
     @property
-    def prepare_fn(self) -> PrepareFn:
+    def prepare_fn(self) -> Callable[[JobContext], AsyncIterator[JSON]]:
         return _job_as_one_task if self._prepare is None else self._prepare
 
     @property
-    def process_fn(self) -> ProcessFn:
+    def process_fn(self) -> Callable[[TaskContext], Awaitable[JSON]]:
         if self._process is None:
             raise KindError(f"kind {self.name!r} has no process function")
         return self._process
 
     @property
-    def on_finished_fn(self) -> FinishedFn | None:
+    def on_finished_fn(self) -> Callable[[FinishedJob], Awaitable[None]] | None:
         return self._on_finished
 
     def retry_delay(self, attempt: int) -> float:
