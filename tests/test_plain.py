@@ -1,14 +1,18 @@
 """Plain Python handlers: a kind's prepare, process and on_finished written without
-async run in worker threads and never block the event loop."""
+async run in worker threads, or worker processes (executor="process"), and never block
+the event loop."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import aiohttp
 import anyio
+import pytest
 
 import herder
 from herder import db
@@ -148,3 +152,69 @@ def test_a_plain_generator_is_read_a_chunk_per_thread_trip() -> None:
     finally:
         herder.kinds.plain._next_chunk = real
     assert trips <= 6
+
+
+PROCESS_KINDS = ["tests.process_kinds"]
+
+
+async def test_a_cpu_bound_task_in_a_process_keeps_its_lease(
+    db_url: str, conn: db.Connection
+) -> None:
+    """Two seconds of pure-Python work against a one-second lease: run in a thread it
+    would hold the interpreter lock and starve the renewals; in a process it does not."""
+    async with running_daemon(db_url, apps=PROCESS_KINDS, lease_seconds=1.0) as daemon:
+        job_id = await submit(conn, "test-cpu-bound", {"seconds": 2})
+        slowest = 0.0
+        async with aiohttp.ClientSession() as http:
+
+            async def done() -> bool:
+                nonlocal slowest
+                started = time.perf_counter()
+                async with http.get(f"http://127.0.0.1:{daemon.health_port}/healthz") as r:
+                    await r.read()
+                slowest = max(slowest, time.perf_counter() - started)
+                row = await conn.fetchrow("SELECT status FROM herder.jobs WHERE id = $1", job_id)
+                return row is not None and row["status"] == "SUCCESS"
+
+            await wait_for(done, timeout=30, interval=0.1, what="the job")
+    [task] = await tasks_of(conn, job_id)
+    assert (task["status"], task["attempts"]) == ("SUCCESS", 1)  # never rescued
+    assert task["result"]["pid"] != os.getpid()
+    assert slowest < 0.1, slowest
+
+
+async def test_a_hung_handler_in_a_process_is_killed_at_its_timeout(
+    db_url: str, conn: db.Connection, tmp_path: Path
+) -> None:
+    pid_file = tmp_path / "pid"
+    async with running_daemon(db_url, apps=PROCESS_KINDS):
+        job = await wait_finished(
+            conn, await submit(conn, "test-hangs-in-process", {"pid_file": str(pid_file)})
+        )
+    assert job["status"] == "FAILURE"
+    [task] = await tasks_of(conn, job["id"])
+    assert task["message"] == "gave up after 1 attempts: timed out after 0.5s"
+    pid = int(pid_file.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # killed and reaped: nothing left spinning
+
+
+async def test_a_process_that_dies_fails_only_its_task_which_runs_again(
+    db_url: str, conn: db.Connection
+) -> None:
+    async with running_daemon(db_url, apps=PROCESS_KINDS, concurrency=2):
+        job_id = await conn.fetchval(
+            "INSERT INTO herder.jobs (kind, payload) VALUES ('test-crashes-in-process', $1) "
+            "RETURNING id",
+            {"crash": True},
+        )
+        other = await submit(conn, "test-crashes-in-process", {})
+        job = await wait_finished(conn, job_id)
+        second = await wait_finished(conn, other)
+    assert (job["status"], second["status"]) == ("SUCCESS", "SUCCESS")
+    [task] = await tasks_of(conn, job_id)
+    assert task["attempts"] == 2
+    assert task["result"]["attempt"] == 2
+    assert "no database pool" in task["result"]["pool"]
+    [untouched] = await tasks_of(conn, other)
+    assert untouched["attempts"] == 1

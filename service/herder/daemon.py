@@ -19,7 +19,7 @@ from herder import listener as channels
 from herder.coordinator import Coordinator
 from herder.health import HealthServer
 from herder.hooks import HookRunner
-from herder.kinds import check_kinds, load_app
+from herder.kinds import check_kinds, load_app, processes
 from herder.listener import Listener
 from herder.maintenance import Maintenance
 from herder.metrics import Metrics
@@ -54,6 +54,7 @@ class Daemon:
         self.name = config.name or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         for module in config.apps:
             load_app(module)
+        processes.configure(config.apps)
         check_kinds()
         self.started_at = time.monotonic()
         self.metrics = Metrics()
@@ -176,6 +177,7 @@ class Daemon:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 await app_pool.close()
                 await pool.close()
+            processes.close()
         log.info("stopped")
 
     async def _signals(self) -> None:

@@ -16,6 +16,7 @@ import structlog
 
 from herder.db import NotStorable, Pool, Undecodable, encode_json
 from herder.kinds import Kind, Retry, TaskContext, TaskWarning, describe, get_kind, message_of
+from herder.kinds.processes import ProcessDied
 from herder.states import TaskStatus
 from herder.store import ClaimedTask, Outcome
 
@@ -52,7 +53,8 @@ async def execute(task: ClaimedTask, pool: Pool, max_result_bytes: int) -> Outco
         message = message_of(exc) or "retry requested"
         return _failed(task, kind, attempt, message, exc.delay, True)
     except Exception as exc:
-        retriable = isinstance(exc, kind.retry_on)
+        # A worker process dying under the task is a lost worker: retried.
+        retriable = isinstance(exc, (*kind.retry_on, ProcessDied))
         message = message_of(exc) or type(exc).__name__
         return _failed(task, kind, attempt, message, None, retriable)
     except (SystemExit, KeyboardInterrupt, GeneratorExit) as exc:

@@ -21,6 +21,7 @@ Creating a ``Kind`` registers it; ``herder run --app mymodule`` imports the modu
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import random
@@ -181,6 +182,7 @@ class Kind:
         backoff: float = 1.0,
         max_backoff: float = 300.0,
         prepare_resumes: bool = False,
+        executor: str = "thread",
     ) -> None:
         if not name:
             raise KindError("a kind needs a name")
@@ -188,6 +190,8 @@ class Kind:
             raise KindError(f"kind {name!r}: max_attempts must be at least 1")
         if timeout is not None and timeout <= 0:
             raise KindError(f"kind {name!r}: timeout must be positive")
+        if executor not in ("thread", "process"):
+            raise KindError(f"kind {name!r}: executor must be 'thread' or 'process'")
         if name in _REGISTRY:
             raise KindError(f"kind {name!r} is declared twice")
         self.name = name
@@ -197,6 +201,12 @@ class Kind:
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.prepare_resumes = prepare_resumes
+        #: Where a plain ``process`` runs: worker threads, or worker processes
+        #: (herder.kinds.processes) for CPU-bound code.
+        self.executor = executor
+        #: A plain ``process`` of an executor="process" kind, as declared: what the
+        #: worker processes call.
+        self.plain_process: Callable[[TaskContext], JSON] | None = None
         # As declared, made async (plain ones run in threads: herder.kinds.plain).
         self._prepare: Callable[[JobContext], AsyncIterator[JSON]] | None = None
         self._process: Callable[[TaskContext], Awaitable[JSON]] | None = None
@@ -208,7 +218,18 @@ class Kind:
         return fn
 
     def process(self, fn: _Process) -> _Process:
-        self._process = plain.as_async(fn, executor=True)
+        if self.executor == "process":
+            if plain.is_async(fn):
+                raise KindError(
+                    f"kind {self.name!r}: executor='process' runs plain functions, and "
+                    f"{getattr(fn, '__name__', fn)!r} is async"
+                )
+            from herder.kinds import processes  # it imports this module
+
+            self.plain_process = fn
+            self._process = functools.partial(processes.run, self.name)
+        else:
+            self._process = plain.as_async(fn, executor=True)
         return fn
 
     def on_finished(self, fn: _Finished) -> _Finished:
