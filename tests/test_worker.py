@@ -335,18 +335,18 @@ async def test_last_two_tasks_finishing_together_settle_the_job_once(
 
 async def test_prefetch_holds_about_a_second_of_work(store: Store) -> None:
     """Deep for short tasks (a claim always in flight), shallow for long ones (a fleet
-    shares them), unless --prefetch fixes it."""
+    shares them), unless --prefetch fixes it. An unmeasured kind counts a whole second."""
     worker = Worker(store, "w", metrics=Metrics(), concurrency=10, lease=30, poll_interval=1)
-    assert worker.prefetch == 40  # nothing measured yet
-    expected = {10.0: 10, 1.0: 10, 0.1: 100, 0.01: 1000, 0.00001: 2000}
-    for seconds, prefetch in expected.items():
-        worker._mean_task_seconds = seconds
-        assert worker.prefetch == prefetch, seconds
+    assert worker.room()[0] == 10  # nothing measured yet: one task per executor
+    expected = {10.0: 1, 1.0: 10, 0.1: 100, 0.01: 1000, 0.00001: 2000}  # two batches at most
+    for seconds, room in expected.items():
+        worker._next_task_seconds = seconds
+        assert worker.room()[0] == room, seconds
     fixed = Worker(
         store, "w", metrics=Metrics(), concurrency=10, lease=30, poll_interval=1, prefetch=7
     )
-    fixed._mean_task_seconds = 0.00001
-    assert fixed.prefetch == 7
+    fixed._next_task_seconds = 0.00001
+    assert fixed.room()[0] == 7
 
 
 async def test_one_completion_batch_mixing_plain_and_detailed_outcomes(store: Store) -> None:
@@ -384,3 +384,37 @@ async def test_one_completion_batch_mixing_plain_and_detailed_outcomes(store: St
     assert rows[d.id]["status"] == "IN_PROGRESS"
     assert (rows[e.id]["status"], rows[e.id]["ended_at"]) == ("PENDING", None)
     assert rows[e.id]["run_at"] is not None
+
+
+async def test_a_new_kind_after_a_run_of_no_ops_is_not_hoarded(
+    db_url: str, conn: db.Connection, make_kind: Callable[..., Kind]
+) -> None:
+    """What the daemon learned of no-op tasks says nothing of a kind it has not measured:
+    a claim that brings 100 ms tasks keeps about a second of them per executor and hands
+    the rest back at once, for an idle daemon to take."""
+    slow = make_kind("slow-after-fast")
+    one_task_per_item(slow)
+
+    @slow.process
+    async def process(task: herder.TaskContext) -> herder.JSON:
+        await anyio.sleep(0.1)
+        return None
+
+    async with running_daemon(db_url, concurrency=10) as daemon:
+        await wait_finished(conn, await submit(conn, "synthetic", {"tasks": 5000}))
+        job_id = await submit(conn, "slow-after-fast", {"items": [{}] * 1000})
+
+        async def held() -> int | None:
+            n: int = await conn.fetchval(
+                "SELECT count(*) FROM herder.tasks WHERE job_id = $1 AND status <> 'PENDING'",
+                job_id,
+            )
+            return n if n >= 10 else None
+
+        await wait_for(held, what="the slow tasks to start")
+        most = 0
+        for _ in range(20):
+            most = max(most, len(daemon.worker.held))
+            await anyio.sleep(0.05)
+        await conn.execute("SELECT herder.cancel_job($1)", job_id)
+    assert most <= 150, most  # about 100 (a second per executor), never hundreds

@@ -31,10 +31,10 @@ log = structlog.get_logger("herder.worker")
 # Why a running task's scope was cancelled; decides what is written for it.
 _JOB_STOPPED = "job stopped"
 _SHUTDOWN = "shutdown"
-#: Seconds of work the local queue holds by default (see Worker.prefetch).
+#: Seconds of work per executor the daemon holds by default (see Worker.room).
 PREFETCH_HORIZON = 1.0
-#: Weight of the newest handler time in the moving average.
-TASK_SECONDS_WEIGHT = 0.05
+#: Weight of the newest handler time in its kind's moving average.
+TASK_SECONDS_WEIGHT = 0.2
 #: Seconds each shutdown write (outcomes, hand-back) is retried before the daemon exits.
 SHUTDOWN_WRITES = 10.0
 #: An executor lets the event loop run other things at least once per this many tasks.
@@ -72,7 +72,11 @@ class Worker:
         self.lease = lease
         self.poll_interval = poll_interval
         self._fixed_prefetch = prefetch
-        self._mean_task_seconds: float | None = None  # moving average of handler time
+        #: Moving average of handler time, by kind.
+        self._kind_seconds: dict[str, float] = {}
+        #: What the next claimed task is expected to cost: the dearest kind of the last
+        #: claim (tasks come in runs of one job), a whole horizon before anything is known.
+        self._next_task_seconds = PREFETCH_HORIZON
         self.claim_batch = claim_batch
         self.completer = Completer(
             store,
@@ -190,36 +194,53 @@ class Worker:
 
     # ------------------------------------------------------------ claiming
 
-    @property
-    def prefetch(self) -> int:
-        """How many tasks this daemon holds at most (claimed, running or being written).
+    def task_seconds(self, kind: str) -> float:
+        """What a task of ``kind`` is expected to take: its kind's moving average, or a
+        whole horizon while the kind is unmeasured (start small)."""
+        return self._kind_seconds.get(kind, PREFETCH_HORIZON)
 
-        Short tasks want a deep local queue, two claim batches, so that a claim is always
-        in flight while the executors drain the last one. Long tasks want a shallow one, so
-        that a fleet shares them instead of one daemon hoarding what others could run. So
-        by default it holds about PREFETCH_HORIZON seconds of work for its executors,
-        judged by a moving average of handler times, between `concurrency` and two batches.
+    def _unfinished(self) -> list[ClaimedTask]:
+        """Tasks claimed and not yet done: queued or running."""
+        return [*self._queue, *(self._held[k] for k in self._running if k in self._held)]
+
+    def _unfinished_work(self) -> float:
+        return sum(self.task_seconds(t.kind) for t in self._unfinished())
+
+    def room(self) -> tuple[int, int]:
+        """(how many tasks to claim now, the least claim worth making).
+
+        Short tasks want a deep local queue, so that a claim is always in flight while
+        the executors drain the last one. Long tasks want a shallow one, so that a fleet
+        shares them instead of one daemon hoarding what others could run. So by default
+        the daemon holds about PREFETCH_HORIZON seconds of work per executor, counted
+        task by task from each one's kind (a kind's history says nothing of another's),
+        and never more than two claim batches. ``--prefetch`` fixes a count instead.
+        Tasks done but not yet written are bounded separately, by as many again.
         """
+        unfinished = self._unfinished()
         if self._fixed_prefetch:
-            return self._fixed_prefetch
-        if self._mean_task_seconds is None:
-            return 4 * self.concurrency
-        per_executor = PREFETCH_HORIZON / max(self._mean_task_seconds, 1e-6)
-        return int(
-            min(2 * self.claim_batch, max(self.concurrency, self.concurrency * per_executor))
+            limit = self._fixed_prefetch
+            room = min(limit - len(unfinished), 2 * limit - len(self._held))
+            return room, max(1, min(self.claim_batch, limit) // 4)
+        budget = self.concurrency * PREFETCH_HORIZON
+        held = self._unfinished_work()
+        per_task = max(self._next_task_seconds, 1e-6)
+        limit = min(2 * self.claim_batch, max(1, int(budget / per_task)))
+        room = min(
+            int((budget - held) / per_task),
+            limit - len(unfinished),
+            2 * limit - len(self._held),
         )
+        return room, max(1, min(self.claim_batch, limit) // 4)
 
     async def _claimer(self) -> None:
         if self._claim_in_doubt:
             await self._hand_back_orphans()
         while self._claiming:
-            prefetch = self.prefetch
             # Room is measured in work not yet done: waiting on the completer's write
-            # too would idle the executors once per batch. Tasks done but not yet
-            # written are bounded separately, by another `prefetch`.
-            unfinished = len(self._queue) + len(self._running)
-            room = min(prefetch - unfinished, 2 * prefetch - len(self._held))
-            if room < max(1, min(self.claim_batch, prefetch) // 4):
+            # too would idle the executors once per batch.
+            room, least = self.room()
+            if room < least:
                 await self._capacity.wait(self.poll_interval)
                 continue
             asked = min(room, self.claim_batch)
@@ -232,6 +253,8 @@ class Worker:
                     await self.store.release_tasks((t.key for t in claimed), self.name)
                 return
             if claimed:
+                self._next_task_seconds = max(self.task_seconds(t.kind) for t in claimed)
+                claimed = await self._trim(claimed)
                 self.metrics.claimed(len(claimed))
                 for task in claimed:
                     self._held[task.key] = task
@@ -244,6 +267,28 @@ class Worker:
                 self._work.set()
             if len(claimed) < asked:
                 await self.wakeup.wait(self._idle_wait())
+
+    async def _trim(self, claimed: list[ClaimedTask]) -> list[ClaimedTask]:
+        """Hand back at once what a claim brought beyond the work budget. A claim is sized
+        by the tasks of the last one; this one may bring a kind that takes far longer, or
+        one not measured yet, and those must stay claimable by an idle daemon."""
+        if self._fixed_prefetch:
+            return claimed
+        free = self.concurrency * PREFETCH_HORIZON - self._unfinished_work()
+        kept, work = 0, 0.0
+        for task in claimed:
+            work += self.task_seconds(task.kind)
+            if work > free and kept:
+                break
+            kept += 1
+        if kept == len(claimed):
+            return claimed
+        extra = claimed[kept:]
+        try:
+            await self.store.release_tasks((t.key for t in extra), self.name)
+        except TRANSIENT:
+            return claimed  # they run here, later: nothing is lost
+        return claimed[:kept]
 
     async def _start_jobs(self, job_ids: list[int]) -> None:
         """PENDING -> IN_PROGRESS for the jobs whose first tasks were just claimed, tried
@@ -319,8 +364,8 @@ class Worker:
             started = time.monotonic()
             outcome = await execute(task, self.store.app_pool, self.max_result_bytes)
             outcome.seconds = seconds = time.monotonic() - started
-            mean = self._mean_task_seconds
-            self._mean_task_seconds = (
+            mean = self._kind_seconds.get(task.kind)
+            self._kind_seconds[task.kind] = (
                 seconds if mean is None else mean + (seconds - mean) * TASK_SECONDS_WEIGHT
             )
             return outcome
