@@ -238,6 +238,22 @@ _BEFORE_CONTAINMENT = """
 _TASKS_JOB_BRIN = """
     CREATE INDEX tasks_job_brin ON herder.tasks USING brin (job_id) WITH (autosummarize = on);
 """
+# From 50fa58f to 72aa378: statement-level triggers instead of the foreign key, and a task
+# whose job is gone (loading without per-row checks skipped the trigger).
+_INTEGRITY_TRIGGERS = """
+    ALTER TABLE herder.tasks DROP CONSTRAINT tasks_job_id_fkey;
+    CREATE FUNCTION herder.check_tasks_have_jobs() RETURNS trigger
+    LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END; $$;
+    CREATE TRIGGER tasks_have_jobs AFTER INSERT ON herder.tasks
+        REFERENCING NEW TABLE AS new_tasks
+        FOR EACH STATEMENT EXECUTE FUNCTION herder.check_tasks_have_jobs();
+    CREATE FUNCTION herder.delete_tasks_of_deleted_jobs() RETURNS trigger
+    LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END; $$;
+    CREATE TRIGGER jobs_deleted AFTER DELETE ON herder.jobs
+        REFERENCING OLD TABLE AS deleted_jobs
+        FOR EACH STATEMENT EXECUTE FUNCTION herder.delete_tasks_of_deleted_jobs();
+    INSERT INTO herder.tasks (job_id, seq) VALUES (0, 0);
+"""
 # From one-call claims (724a250) to bad7a90: claim_tasks also returned max_attempts.
 _CLAIM_WITH_MAX_ATTEMPTS = """
     DROP FUNCTION herder.claim_tasks(int, text, float8);
@@ -264,9 +280,22 @@ _BEFORE_ROLES = """
     ALTER TABLE herder.tasks DISABLE ROW LEVEL SECURITY;
     ALTER TABLE herder.schema_version DROP COLUMN checksum;
 """
+# The engine core (ce64d6c): a unique (job_id, seq), a lease index, and the pending set
+# keyed by (job_id, id).
+_ENGINE_CORE_TASK_INDEXES = """
+    ALTER TABLE herder.tasks ADD CONSTRAINT tasks_job_seq_key UNIQUE (job_id, seq);
+    CREATE INDEX tasks_lease_idx ON herder.tasks (lease_until) WHERE status = 'IN_PROGRESS';
+    DROP INDEX herder.tasks_pending_idx;
+    CREATE INDEX tasks_pending_idx ON herder.tasks (job_id, id) WHERE status = 'PENDING';
+"""
 
 SHAPES: dict[str, list[str]] = {
-    "ce64d6c engine core": [_BEFORE_JOB_COUNTS, _BEFORE_CONTAINMENT, _BEFORE_ROLES],
+    "ce64d6c engine core": [
+        _BEFORE_JOB_COUNTS,
+        _BEFORE_CONTAINMENT,
+        _BEFORE_ROLES,
+        _ENGINE_CORE_TASK_INDEXES,
+    ],
     "d6e05ce claim-path indexes": [
         _BEFORE_JOB_COUNTS,
         _BEFORE_CONTAINMENT,
@@ -278,6 +307,12 @@ SHAPES: dict[str, list[str]] = {
         _BEFORE_CONTAINMENT,
         _TASKS_JOB_BRIN,
         _CLAIM_WITH_MAX_ATTEMPTS,
+    ],
+    "72aa378 integrity triggers": [
+        _BEFORE_JOB_COUNTS,
+        _BEFORE_CONTAINMENT,
+        _TASKS_JOB_BRIN,
+        _INTEGRITY_TRIGGERS,
     ],
     "b2bf520 foreign key kept": [_BEFORE_JOB_COUNTS, _BEFORE_CONTAINMENT, _TASKS_JOB_BRIN],
     "7427e6e containment": [_BEFORE_JOB_COUNTS],
