@@ -12,7 +12,7 @@ import asyncpg
 import asyncpg.pool
 import orjson
 
-from herder.sql import schema_sql
+from herder.sql import Upgrade, schema_sql, upgrades
 
 SCHEMA_VERSION = 1
 # Any fixed 64-bit key works; it only has to be the same on every host.
@@ -193,18 +193,34 @@ async def _keep_session(conn: Connection) -> None:
 
 
 async def migrate(conn: Connection) -> int:
-    """Apply schema.sql; safe to repeat and to run from several hosts at once.
+    """Bring the database to the current schema; safe to repeat and to run from several
+    hosts at once (each in one transaction, one at a time under an advisory lock).
 
-    A database already carrying this exact schema (same checksum) is left untouched, so a
-    daemon running as herder_worker, which may not create anything, can still start.
+    A database an earlier version created first gets, in order, each upgrade step
+    (sql/upgrades/) not yet recorded in herder.schema_version, recorded as it runs; then
+    schema.sql, which states the current shape. A new database has nothing to upgrade: it
+    gets schema.sql alone and every step is recorded as applied, so no step ever has to
+    cope with an empty database.
+
+    A database already carrying exactly these files (same checksum) is left untouched, so
+    a daemon running as herder_worker, which may not create anything, can still start.
     """
-    sql = schema_sql()
-    checksum = hashlib.sha256(sql.encode()).hexdigest()
+    schema = schema_sql()
+    steps = upgrades()
+    checksum = _checksum(schema, steps)
     if await _applied_checksum(conn) == checksum:
         return SCHEMA_VERSION
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATE_LOCK)
-        await conn.execute(sql)
+        # Every version of herder created schema_version with its first tables.
+        created_before = await conn.fetchval(
+            "SELECT to_regclass('herder.schema_version') IS NOT NULL"
+        )
+        if created_before:
+            await _upgrade(conn, steps)
+        await conn.execute(schema)
+        if not created_before:
+            await _record(conn, [step.number for step in steps])
         await conn.execute(
             "UPDATE herder.schema_version SET checksum = $1 WHERE version = $2",
             checksum,
@@ -212,6 +228,43 @@ async def migrate(conn: Connection) -> int:
         )
         version: int = await conn.fetchval("SELECT max(version) FROM herder.schema_version")
     return version
+
+
+async def _upgrade(conn: Connection, steps: list[Upgrade]) -> None:
+    # Steps are recorded in this column, so it cannot arrive by a step of its own.
+    await conn.execute(
+        "ALTER TABLE herder.schema_version "
+        "ADD COLUMN IF NOT EXISTS upgrades int[] NOT NULL DEFAULT '{}'"
+    )
+    applied = set(
+        await conn.fetchval(
+            "SELECT upgrades FROM herder.schema_version WHERE version = $1", SCHEMA_VERSION
+        )
+    )
+    for step in steps:
+        if step.number not in applied:
+            try:
+                await conn.execute(step.sql)
+            except asyncpg.PostgresError as exc:
+                exc.add_note(f"in upgrade step {step.name}")
+                raise
+            await _record(conn, [step.number])
+
+
+async def _record(conn: Connection, numbers: list[int]) -> None:
+    await conn.execute(
+        "UPDATE herder.schema_version SET upgrades = upgrades || $1::int[] WHERE version = $2",
+        numbers,
+        SCHEMA_VERSION,
+    )
+
+
+def _checksum(schema: str, steps: list[Upgrade]) -> str:
+    digest = hashlib.sha256()
+    for step in steps:
+        digest.update(f"{step.name}\0{step.sql}\0".encode())
+    digest.update(schema.encode())
+    return digest.hexdigest()
 
 
 async def migrate_url(url: str) -> int:
