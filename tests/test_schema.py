@@ -290,36 +290,60 @@ _ENGINE_CORE_TASK_INDEXES = """
     CREATE INDEX tasks_pending_idx ON herder.tasks (job_id, id) WHERE status = 'PENDING';
 """
 
+# Before fair sharing and routing by kind: a claim of three arguments, jobs walked by
+# priority and id.
+_BEFORE_FAIR_CLAIM = """
+    DROP FUNCTION herder.claim_tasks(int, text, float8, text[]);
+    CREATE FUNCTION herder.claim_tasks(batch int, worker_name text, lease_seconds float8)
+    RETURNS TABLE (id bigint, job_id bigint, seq int, payload jsonb, attempts int,
+                   attempts_base int, kind text, job_status text, priority int)
+    LANGUAGE sql AS $$ SELECT NULL::bigint, NULL::bigint, 0, NULL::jsonb, 0, 0, '', '', 0
+                       WHERE false $$;
+    DROP INDEX herder.jobs_claimable_idx;
+    CREATE INDEX jobs_runnable_idx ON herder.jobs (priority DESC, id)
+        WHERE status IN ('PENDING', 'IN_PROGRESS');
+"""
+
 SHAPES: dict[str, list[str]] = {
     "ce64d6c engine core": [
+        _BEFORE_FAIR_CLAIM,
         _BEFORE_JOB_COUNTS,
         _BEFORE_CONTAINMENT,
         _BEFORE_ROLES,
         _ENGINE_CORE_TASK_INDEXES,
     ],
     "d6e05ce claim-path indexes": [
+        _BEFORE_FAIR_CLAIM,
         _BEFORE_JOB_COUNTS,
         _BEFORE_CONTAINMENT,
         _TASKS_JOB_BRIN,
         _BEFORE_ROLES,
     ],
     "724a250 one-call claims": [
+        _BEFORE_FAIR_CLAIM,
         _BEFORE_JOB_COUNTS,
         _BEFORE_CONTAINMENT,
         _TASKS_JOB_BRIN,
         _CLAIM_WITH_MAX_ATTEMPTS,
     ],
     "72aa378 integrity triggers": [
+        _BEFORE_FAIR_CLAIM,
         _BEFORE_JOB_COUNTS,
         _BEFORE_CONTAINMENT,
         _TASKS_JOB_BRIN,
         _INTEGRITY_TRIGGERS,
     ],
-    "b2bf520 foreign key kept": [_BEFORE_JOB_COUNTS, _BEFORE_CONTAINMENT, _TASKS_JOB_BRIN],
-    "7427e6e containment": [_BEFORE_JOB_COUNTS],
+    "b2bf520 foreign key kept": [
+        _BEFORE_FAIR_CLAIM,
+        _BEFORE_JOB_COUNTS,
+        _BEFORE_CONTAINMENT,
+        _TASKS_JOB_BRIN,
+    ],
+    "7427e6e containment": [_BEFORE_FAIR_CLAIM, _BEFORE_JOB_COUNTS],
+    "f302fdf per-job counts": [_BEFORE_FAIR_CLAIM],
     # The current shape, made before upgrade steps were recorded: every step runs on it
     # and must change nothing.
-    "f302fdf per-job counts": [],
+    "fair claim": [],
 }
 
 # What no earlier version had: the record of upgrade steps (and the checksum they cover).

@@ -77,6 +77,10 @@ class Worker:
         #: What the next claimed task is expected to cost: the dearest kind of the last
         #: claim (tasks come in runs of one job), a whole horizon before anything is known.
         self._next_task_seconds = PREFETCH_HORIZON
+        #: Expected seconds of the tasks claimed and not yet done (queued or running),
+        #: each counted as its kind's time when it was claimed, and its total.
+        self._work_of: dict[tuple[int, int], float] = {}
+        self._work_seconds = 0.0
         self.claim_batch = claim_batch
         self.completer = Completer(
             store,
@@ -191,6 +195,8 @@ class Worker:
         log.info("handed back unfinished tasks", tasks=handed_back)
         self._held.clear()
         self._queue.clear()
+        self._work_of.clear()
+        self._work_seconds = 0.0
 
     # ------------------------------------------------------------ claiming
 
@@ -198,13 +204,6 @@ class Worker:
         """What a task of ``kind`` is expected to take: its kind's moving average, or a
         whole horizon while the kind is unmeasured (start small)."""
         return self._kind_seconds.get(kind, PREFETCH_HORIZON)
-
-    def _unfinished(self) -> list[ClaimedTask]:
-        """Tasks claimed and not yet done: queued or running."""
-        return [*self._queue, *(self._held[k] for k in self._running if k in self._held)]
-
-    def _unfinished_work(self) -> float:
-        return sum(self.task_seconds(t.kind) for t in self._unfinished())
 
     def room(self) -> tuple[int, int]:
         """(how many tasks to claim now, the least claim worth making).
@@ -217,18 +216,17 @@ class Worker:
         and never more than two claim batches. ``--prefetch`` fixes a count instead.
         Tasks done but not yet written are bounded separately, by as many again.
         """
-        unfinished = self._unfinished()
+        unfinished = len(self._queue) + len(self._running)
         if self._fixed_prefetch:
             limit = self._fixed_prefetch
-            room = min(limit - len(unfinished), 2 * limit - len(self._held))
+            room = min(limit - unfinished, 2 * limit - len(self._held))
             return room, max(1, min(self.claim_batch, limit) // 4)
         budget = self.concurrency * PREFETCH_HORIZON
-        held = self._unfinished_work()
         per_task = max(self._next_task_seconds, 1e-6)
         limit = min(2 * self.claim_batch, max(1, int(budget / per_task)))
         room = min(
-            int((budget - held) / per_task),
-            limit - len(unfinished),
+            int((budget - self._work_seconds) / per_task),
+            limit - unfinished,
             2 * limit - len(self._held),
         )
         return room, max(1, min(self.claim_batch, limit) // 4)
@@ -255,6 +253,9 @@ class Worker:
             if claimed:
                 self._next_task_seconds = max(self.task_seconds(t.kind) for t in claimed)
                 claimed = await self._trim(claimed)
+                for task in claimed:
+                    self._work_of[task.key] = cost = self.task_seconds(task.kind)
+                    self._work_seconds += cost
                 self.metrics.claimed(len(claimed))
                 for task in claimed:
                     self._held[task.key] = task
@@ -274,7 +275,7 @@ class Worker:
         one not measured yet, and those must stay claimable by an idle daemon."""
         if self._fixed_prefetch:
             return claimed
-        free = self.concurrency * PREFETCH_HORIZON - self._unfinished_work()
+        free = self.concurrency * PREFETCH_HORIZON - self._work_seconds
         kept, work = 0, 0.0
         for task in claimed:
             work += self.task_seconds(task.kind)
@@ -375,6 +376,7 @@ class Worker:
                 self._idle.set()
 
     def _finish(self, outcome: Outcome) -> None:
+        self._work_seconds -= self._work_of.pop(outcome.key, 0.0)
         if outcome.status == TaskStatus.PENDING:
             # A retry: the claimer looks for it again when it falls due (see _idle_wait).
             self._next_retry_due = min(self._next_retry_due, time.monotonic() + outcome.delay)

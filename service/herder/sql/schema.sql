@@ -135,7 +135,8 @@ CREATE INDEX IF NOT EXISTS tasks_problems_idx
 -- through history instead of the partial indexes. Without statistics the planner
 -- assumes an equality on status is selective, which for the claimable set is true.
 ALTER TABLE herder.tasks ALTER COLUMN status SET STATISTICS 0;
-CREATE INDEX IF NOT EXISTS jobs_runnable_idx ON herder.jobs (priority DESC, id)
+-- The claim walks priority levels, then owners, then each owner's jobs (see claim_tasks).
+CREATE INDEX IF NOT EXISTS jobs_claimable_idx ON herder.jobs (priority DESC, owner, id)
     WHERE status IN ('PENDING', 'IN_PROGRESS');
 CREATE INDEX IF NOT EXISTS jobs_preparing_idx ON herder.jobs (priority DESC, id)
     WHERE status = 'PREPARING';
@@ -339,20 +340,28 @@ SELECT j.id AS job_id,
 FROM herder.jobs j
 CROSS JOIN LATERAL herder.task_counts(j.id) c;
 
--- Claim up to `batch` tasks for a worker. Claimable means: the task is PENDING and due,
--- and its job is PENDING or IN_PROGRESS in the same snapshot. A job that is still
--- PREPARING is never joined, so its tasks cannot start however early they were written.
--- Jobs are walked in priority order (a small, indexed set); each job's due tasks come
--- from the partial index in preparation order.
+-- Claim up to `batch` tasks of the given kinds (NULL: any) for a worker. Claimable means:
+-- the task is PENDING and due, and its job is PENDING or IN_PROGRESS in the same
+-- snapshot. A job that is still PREPARING is never joined, so its tasks cannot start
+-- however early they were written.
+--
+-- Fair sharing. Priority is strict: a level is served before the next one down. Within a
+-- level the batch is shared round-robin across owners, then across each owner's jobs: at
+-- most MAX_OWNERS owners and their first MAX_JOBS jobs that have due tasks, each owner an
+-- equal share and each of its jobs an equal part of that, so a small job submitted behind
+-- big ones is claimed by the next claim. What the shares leave (jobs with fewer tasks
+-- than their part) is filled in job order. The walk is a skip scan of jobs_claimable_idx:
+-- the levels, the owners of a level, and a few jobs per owner, never every live job.
+-- The claimed tasks come back interleaved (each job's first task, then each job's
+-- second...), so that executors share out the jobs too.
 --
 -- A plpgsql function (its plan is cached per session) for its SET clauses. The planner
 -- cannot know how many tasks a job has pending (a bulk-loaded job looks like a handful),
--- and for a handful it prefers a bitmap scan of the job's whole pending set plus a sort:
--- 80 ms for a 200k-task job instead of 0.3 ms for an ordered index scan that stops at
--- the LIMIT. And it joins the picked tasks back to the table by hashing a sequential scan
--- of all of it (55 ms per 1000 tasks claimed from a 200k-task table) instead of looking
--- each up by primary key (13 ms).
-CREATE OR REPLACE FUNCTION herder.claim_tasks(batch int, worker_name text, lease_seconds float8)
+-- and for a handful it prefers a bitmap scan of the job's whole pending set plus a sort,
+-- where an ordered index scan stops at the LIMIT; and it would join the picked tasks back
+-- to the table by hashing a scan of all of it instead of looking each up by primary key.
+CREATE OR REPLACE FUNCTION herder.claim_tasks(batch int, worker_name text, lease_seconds float8,
+                                              kinds text[] DEFAULT NULL)
 RETURNS TABLE (id bigint, job_id bigint, seq int, payload jsonb, attempts int,
                attempts_base int, kind text, job_status text, priority int)
 LANGUAGE plpgsql VOLATILE
@@ -362,35 +371,120 @@ SET enable_hashjoin = off
 SET enable_mergejoin = off
 AS $$
 #variable_conflict use_column
+DECLARE
+    max_owners CONSTANT int := 64;
+    max_jobs CONSTANT int := 16;
+    level int;
+    wanted int := batch;
+    got int;
 BEGIN
-RETURN QUERY
-WITH claimed AS (
-    UPDATE herder.tasks t
-    SET status = 'IN_PROGRESS', attempts = t.attempts + 1, started_at = clock_timestamp(),
-        ended_at = NULL, worker = worker_name,
-        lease_until = clock_timestamp() + make_interval(secs => lease_seconds)
-    FROM (
-        SELECT c.id, j.kind, j.status AS job_status, j.priority, j.id AS jid
-        FROM herder.jobs j
-        CROSS JOIN LATERAL (
-            SELECT p.id FROM herder.tasks p
-            WHERE p.job_id = j.id AND p.status = 'PENDING'
-              AND (p.run_at IS NULL OR p.run_at <= clock_timestamp())
-            ORDER BY p.seq
-            LIMIT batch
-            FOR UPDATE SKIP LOCKED
-        ) c
-        WHERE j.status IN ('PENDING', 'IN_PROGRESS')
-        ORDER BY j.priority DESC, j.id
-        LIMIT batch
-    ) pick
-    WHERE t.id = pick.id
-    RETURNING t.id, t.job_id, t.seq, t.payload, t.attempts, t.attempts_base, pick.kind,
-              pick.job_status, pick.priority
-)
-SELECT c.id, c.job_id, c.seq, c.payload, c.attempts, c.attempts_base, c.kind,
-       c.job_status, c.priority
-FROM claimed c ORDER BY c.priority DESC, c.id;
+    FOR level IN
+        WITH RECURSIVE levels(p) AS (
+            (SELECT j.priority FROM herder.jobs j
+             WHERE j.status IN ('PENDING', 'IN_PROGRESS')
+             ORDER BY j.priority DESC LIMIT 1)
+            UNION ALL
+            SELECT (SELECT j.priority FROM herder.jobs j
+                    WHERE j.status IN ('PENDING', 'IN_PROGRESS') AND j.priority < l.p
+                    ORDER BY j.priority DESC LIMIT 1)
+            FROM levels l WHERE l.p IS NOT NULL
+        )
+        SELECT l.p FROM levels l WHERE l.p IS NOT NULL
+    LOOP
+        -- The shares: owners of this level, and each owner's first jobs with due tasks.
+        RETURN QUERY
+        WITH RECURSIVE owners(o) AS (
+            (SELECT j.owner FROM herder.jobs j
+             WHERE j.status IN ('PENDING', 'IN_PROGRESS') AND j.priority = level
+             ORDER BY j.priority DESC, j.owner LIMIT 1)
+            UNION ALL
+            SELECT (SELECT j.owner FROM herder.jobs j
+                    WHERE j.status IN ('PENDING', 'IN_PROGRESS') AND j.priority = level
+                      AND j.owner > w.o
+                    ORDER BY j.priority DESC, j.owner LIMIT 1)
+            FROM owners w WHERE w.o IS NOT NULL
+        ), served AS (
+            SELECT w.o, s.id AS jid, s.kind, s.status
+            FROM (SELECT w.o FROM owners w WHERE w.o IS NOT NULL LIMIT max_owners) w
+            CROSS JOIN LATERAL (
+                SELECT j.id, j.kind, j.status FROM herder.jobs j
+                WHERE j.status IN ('PENDING', 'IN_PROGRESS') AND j.priority = level
+                  AND j.owner = w.o AND (kinds IS NULL OR j.kind = ANY (kinds))
+                  AND EXISTS (SELECT 1 FROM herder.tasks p
+                              WHERE p.job_id = j.id AND p.status = 'PENDING'
+                                AND (p.run_at IS NULL OR p.run_at <= clock_timestamp()))
+                ORDER BY j.priority DESC, j.owner, j.id
+                LIMIT max_jobs
+            ) s
+        ), shares AS (
+            SELECT s.*,
+                   ceil(ceil(wanted::numeric / (SELECT count(DISTINCT o) FROM served))
+                        / count(*) OVER (PARTITION BY s.o))::int AS share
+            FROM served s
+        ), claimed AS (
+            UPDATE herder.tasks t
+            SET status = 'IN_PROGRESS', attempts = t.attempts + 1,
+                started_at = clock_timestamp(), ended_at = NULL, worker = worker_name,
+                lease_until = clock_timestamp() + make_interval(secs => lease_seconds)
+            FROM (
+                SELECT c.id, c.seq, s.kind, s.status, s.jid
+                FROM shares s
+                CROSS JOIN LATERAL (
+                    SELECT p.id, p.seq FROM herder.tasks p
+                    WHERE p.job_id = s.jid AND p.status = 'PENDING'
+                      AND (p.run_at IS NULL OR p.run_at <= clock_timestamp())
+                    ORDER BY p.seq
+                    LIMIT s.share
+                    FOR UPDATE SKIP LOCKED
+                ) c
+                LIMIT wanted
+            ) pick
+            WHERE t.id = pick.id
+            RETURNING t.id, t.job_id, t.seq, t.payload, t.attempts, t.attempts_base,
+                      pick.kind, pick.status
+        )
+        SELECT c.id, c.job_id, c.seq, c.payload, c.attempts, c.attempts_base, c.kind,
+               c.status, level
+        FROM claimed c
+        ORDER BY row_number() OVER (PARTITION BY c.job_id ORDER BY c.seq), c.job_id;
+        GET DIAGNOSTICS got = ROW_COUNT;
+        wanted := wanted - got;
+        EXIT WHEN wanted <= 0;
+        -- What the shares left: this level's jobs in order (tasks claimed above are
+        -- IN_PROGRESS now, and skipped).
+        RETURN QUERY
+        WITH claimed AS (
+            UPDATE herder.tasks t
+            SET status = 'IN_PROGRESS', attempts = t.attempts + 1,
+                started_at = clock_timestamp(), ended_at = NULL, worker = worker_name,
+                lease_until = clock_timestamp() + make_interval(secs => lease_seconds)
+            FROM (
+                SELECT c.id, j.kind, j.status
+                FROM herder.jobs j
+                CROSS JOIN LATERAL (
+                    SELECT p.id FROM herder.tasks p
+                    WHERE p.job_id = j.id AND p.status = 'PENDING'
+                      AND (p.run_at IS NULL OR p.run_at <= clock_timestamp())
+                    ORDER BY p.seq
+                    LIMIT wanted
+                    FOR UPDATE SKIP LOCKED
+                ) c
+                WHERE j.status IN ('PENDING', 'IN_PROGRESS') AND j.priority = level
+                  AND (kinds IS NULL OR j.kind = ANY (kinds))
+                ORDER BY j.priority DESC, j.owner, j.id
+                LIMIT wanted
+            ) pick
+            WHERE t.id = pick.id
+            RETURNING t.id, t.job_id, t.seq, t.payload, t.attempts, t.attempts_base,
+                      pick.kind, pick.status
+        )
+        SELECT c.id, c.job_id, c.seq, c.payload, c.attempts, c.attempts_base, c.kind,
+               c.status, level
+        FROM claimed c ORDER BY c.job_id, c.seq;
+        GET DIAGNOSTICS got = ROW_COUNT;
+        wanted := wanted - got;
+        EXIT WHEN wanted <= 0;
+    END LOOP;
 END;
 $$;
 
