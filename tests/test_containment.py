@@ -31,6 +31,7 @@ import herder
 from herder import db
 from herder.daemon import Daemon, DaemonConfig
 from herder.kinds import Kind, KindError, unregister
+from herder.preparation import Batch, OrderedWriter
 from herder.store import Store
 from tests.support import (
     DaemonProcess,
@@ -589,7 +590,8 @@ async def test_case09_a_stale_preparer_cannot_fail_a_job_another_daemon_holds(
 
     fresh = await wait_for(taken_over, timeout=5, what="daemon-a's lease to run out")
     assert fresh.id == job_id
-    assert await store.write_tasks(fresh, "daemon-b", [(job_id, 0, {"i": 0})], 0, 30.0)
+    batch = Batch([(job_id, 0, db.encode_json({"i": 0}))], 0, last=False, previous=None)
+    assert await OrderedWriter(store, "daemon-b", 30.0, fresh, max_attempts=3).write(batch)
     refused = await store.fail_preparation(
         stale, "daemon-a", "prepare failed: too late", run_hook=True
     )

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from herder import db
+from herder.preparation import Batch, OrderedWriter
 from herder.sql import QUERIES as Q
 from herder.states import JOB_FINISHED, JOB_RUNS_TASKS, TASK_ACTIVE, JobStatus, TaskCounts, settle
 from herder.store import ClaimedTask, Outcome, PreparationClaim, Store
@@ -35,6 +36,14 @@ class Env:
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self.loop.run_until_complete(coro)
+
+
+async def write_batch(
+    store: Store, job: PreparationClaim, rows: list[tuple[int, int, bytes]], *, last: bool
+) -> bool:
+    """One batch of the job's preparation, from where it stands (the last: the job PENDING)."""
+    batch = Batch(rows, job.prepared, last=last, previous=None)
+    return await OrderedWriter(store, WORKER, 30, job, max_attempts=3).write(batch)
 
 
 class HerderModel(RuleBasedStateMachine):
@@ -75,15 +84,13 @@ class HerderModel(RuleBasedStateMachine):
         if job.stale_tasks:
             self.run(self.store.discard_stale_tasks(job.id, batch=2))
         total = job.payload["tasks"]
-        rows = [(job.id, seq, {"i": seq}) for seq in range(job.prepared, total)]
+        rows = [(job.id, seq, db.encode_json({"i": seq})) for seq in range(job.prepared, total)]
         if split and len(rows) > 1:
             first = rows[: len(rows) // 2]
-            if self.run(self.store.write_tasks(job, WORKER, first, job.prepared, 30)):
+            if self.run(write_batch(self.store, job, first, last=False)):
                 self.half_prepared.append((job, job.prepared + len(first)))
             return
-        written = self.run(
-            self.store.write_tasks(job, WORKER, rows, job.prepared, 30, finish_max_attempts=3)
-        )
+        written = self.run(write_batch(self.store, job, rows, last=True))
         if written and total == 0:
             self.run(self.store.settle([job.id]))
 

@@ -6,7 +6,7 @@ queries themselves live in ``sql/queries.sql``.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -19,7 +19,6 @@ from herder.states import JOB_HOOKED, JobStatus, Settlement, TaskCounts, settle
 #: A job with no counts row and no deltas: it prepared no task.
 NO_TASKS = TaskCounts()
 CONTROL_ACTIONS = ("cancel", "resume", "retry", "restart", "verify")
-COPY_THRESHOLD = 1000
 #: Rows one statement of a batched control touches: small enough that no statement holds
 #: locks for long, big enough that a million-task job takes a few hundred statements.
 CANCEL_BATCH = 5000
@@ -61,6 +60,16 @@ class SmallPreparation:
     claim: PreparationClaim
     rows: Sequence[tuple[int, int, bytes]]
     max_attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class CopyModes:
+    """How the daemon's role may load tasks (see preparation.py)."""
+
+    #: COPY FROM is allowed.
+    copy: bool
+    #: The foreign key's per-row checks may be skipped.
+    unchecked: bool
 
 
 @dataclass(slots=True)
@@ -141,15 +150,14 @@ class Store:
         self, pool: Pool, app_pool: Pool | None = None, *, unchecked_copy: bool | None = None
     ) -> None:
         """``unchecked_copy``: load batches and small preparations with the foreign key's
-        per-row checks off (see write_tasks). None: whenever the database role may; False:
+        per-row checks off (see preparation.py). None: whenever the database role may; False:
         never."""
         self.pool = pool
         #: The pool kinds' code gets (JobContext.pool, TaskContext.pool): its sessions are
         #: reset between uses, so nothing a kind sets can leak into herder's queries.
         self.app_pool = app_pool or pool
         self._unchecked_copy = unchecked_copy
-        #: (COPY allowed, foreign key checks may be skipped for a COPY); read on first use.
-        self._copy_modes: tuple[bool, bool] | None = None
+        self._copy_modes: CopyModes | None = None
 
     # ------------------------------------------------------------ preparation
 
@@ -166,8 +174,84 @@ class Store:
         claims = await self.claim_preparations(preparer, lease, 1)
         return claims[0] if claims else None
 
+    async def copy_modes(self) -> CopyModes:
+        """How this daemon's role may load tasks; read on first use."""
+        if self._copy_modes is None:
+            row = await self.pool.fetchrow(Q["copy_modes"])
+            assert row is not None
+            unchecked = bool(row["unchecked"]) and self._unchecked_copy is not False
+            self._copy_modes = CopyModes(copy=bool(row["copy"]), unchecked=unchecked)
+        return self._copy_modes
+
+    async def skip_row_triggers(self, conn: PoolConnection) -> None:
+        await conn.execute(Q["skip_row_triggers"])
+
+    async def fire_row_triggers(self, conn: PoolConnection) -> None:
+        await conn.execute(Q["fire_row_triggers"])
+
+    async def copy_tasks(self, conn: PoolConnection, rows: Sequence[tuple[int, int, Any]]) -> None:
+        """Load (job_id, seq, payload) rows by COPY. Nothing fences them: only a fenced
+        write in the same transaction (write_batch, write_last_batch) may commit them."""
+        await conn.copy_records_to_table(
+            "tasks", schema_name="herder", columns=("job_id", "seq", "payload"), records=rows
+        )
+
+    async def write_batch(
+        self,
+        conn: PoolConnection,
+        job: PreparationClaim,
+        preparer: str,
+        rows: Sequence[tuple[int, int, Any]],
+        *,
+        prepared_before: int,
+        prepared_after: int,
+        lease: float,
+    ) -> bool:
+        """Commit (job_id, seq, payload) rows (none: COPY loaded them in this transaction)
+        and move ``jobs.prepared`` from ``prepared_before`` to ``prepared_after``, renewing
+        the lease. False, writing nothing, when this preparation no longer holds the job
+        (canceled, restarted, taken over) or ``prepared`` is not ``prepared_before``."""
+        written = await conn.fetchval(
+            Q["write_batch"],
+            job.id,
+            job.generation,
+            preparer,
+            [r[1] for r in rows],
+            [r[2] for r in rows],
+            prepared_after,
+            lease,
+            prepared_before,
+        )
+        return written is not None
+
+    async def write_last_batch(
+        self,
+        conn: PoolConnection,
+        job: PreparationClaim,
+        preparer: str,
+        rows: Sequence[tuple[int, int, Any]],
+        *,
+        prepared_before: int,
+        prepared_after: int,
+        max_attempts: int,
+    ) -> bool:
+        """write_batch for the last batch: it also commits the job PENDING, its tasks
+        allowed ``max_attempts`` each."""
+        written = await conn.fetchval(
+            Q["write_last_batch"],
+            job.id,
+            job.generation,
+            preparer,
+            [r[1] for r in rows],
+            [r[2] for r in rows],
+            prepared_after,
+            max_attempts,
+            prepared_before,
+        )
+        return written is not None
+
     async def write_small_preparations(
-        self, jobs: Sequence[SmallPreparation], preparer: str
+        self, conn: PoolConnection, jobs: Sequence[SmallPreparation], preparer: str
     ) -> set[int]:
         """Commit whole preparations, each job's tasks and its PENDING status, in one
         statement; returns the ids of the jobs written (the others are no longer held by
@@ -178,7 +262,8 @@ class Store:
                 job_ids.append(job_id)
                 seqs.append(seq)
                 payloads.append(payload)
-        args = (
+        rows = await conn.fetch(
+            Q["write_small_preparations"],
             [j.claim.id for j in jobs],
             [j.claim.generation for j in jobs],
             [j.max_attempts for j in jobs],
@@ -188,88 +273,7 @@ class Store:
             seqs,
             payloads,
         )
-        async with self.pool.acquire() as conn:
-            _copy, unchecked = await self._modes(conn)
-            async with conn.transaction():
-                # The foreign key checks each row with a query of its own, and these rows
-                # need none: the statement writes them only for jobs it holds locked.
-                # (The jobs' own row triggers are skipped with them: the only one an
-                # UPDATE of `prepared` fires checks max_tasks_per_job, which the
-                # preparation has already enforced.)
-                if unchecked:
-                    await conn.execute(Q["skip_row_triggers"])
-                rows = await conn.fetch(Q["write_small_preparations"], *args)
         return {r["id"] for r in rows}
-
-    async def _modes(self, conn: PoolConnection) -> tuple[bool, bool]:
-        """(COPY allowed, per-row foreign key checks may be skipped), read once."""
-        if self._copy_modes is None:
-            modes = await conn.fetchrow(Q["copy_modes"])
-            assert modes is not None
-            may_skip = bool(modes["unchecked"]) and self._unchecked_copy is not False
-            self._copy_modes = (bool(modes["copy"]), may_skip)
-        return self._copy_modes
-
-    async def write_tasks(
-        self,
-        job: PreparationClaim,
-        preparer: str,
-        rows: Sequence[tuple[int, int, Any]],
-        first: int,
-        lease: float,
-        *,
-        turn: Callable[[], Awaitable[bool]] | None = None,
-        finish_max_attempts: int | None = None,
-    ) -> bool:
-        """Commit a batch of (job_id, seq, payload) while this preparation still holds the
-        job; with ``finish_max_attempts``, also commit the job PENDING in the same
-        transaction. False when the job was canceled, restarted or taken over.
-
-        Batches commit in order: only over ``jobs.prepared == first``, and only once
-        ``turn`` (the batch before this one committing) answers True. A big batch is sent
-        by COPY before its turn comes, so two batches can be loading at once.
-        """
-        prepared = first + len(rows)
-        last_arg: float | int
-        if finish_max_attempts is None:
-            query, last_arg = Q["write_batch"], lease
-        else:
-            query, last_arg = Q["write_last_batch"], finish_max_attempts
-        head = (job.id, job.generation, preparer)
-        async with self.pool.acquire() as conn:
-            copy_allowed, unchecked = await self._modes(conn)
-            # COPY is the fastest way in, but costs extra round trips: big batches only.
-            if not (copy_allowed and len(rows) >= COPY_THRESHOLD):
-                if turn is not None and not await turn():
-                    return False
-                seqs, payloads = [r[1] for r in rows], [r[2] for r in rows]
-                written = await conn.fetchval(
-                    query, *head, seqs, payloads, prepared, last_arg, first
-                )
-                return written is not None
-            try:
-                async with conn.transaction():
-                    # The foreign key checks each row with a query of its own, the
-                    # costliest part of a COPY. These rows need no check: this same
-                    # transaction commits them only if the fenced write below finds their
-                    # job, and locks it against deletion until then.
-                    if unchecked:
-                        await conn.execute(Q["skip_row_triggers"])
-                    await conn.copy_records_to_table(
-                        "tasks",
-                        schema_name="herder",
-                        columns=("job_id", "seq", "payload"),
-                        records=rows,
-                    )
-                    if unchecked:
-                        await conn.execute(Q["fire_row_triggers"])
-                    if turn is not None and not await turn():
-                        raise _NotOurs
-                    if await conn.fetchval(query, *head, [], [], prepared, last_arg, first) is None:
-                        raise _NotOurs
-            except _NotOurs:
-                return False  # the batch was rolled back
-        return True
 
     async def fail_preparation(
         self, job: PreparationClaim, preparer: str, message: str, *, run_hook: bool
@@ -614,7 +618,3 @@ def _columns(pairs: Iterable[tuple[int, int]]) -> tuple[list[int], list[int]]:
         firsts.append(first)
         seconds.append(second)
     return firsts, seconds
-
-
-class _NotOurs(Exception):
-    """The job was canceled, restarted or taken over while a batch was being written."""
