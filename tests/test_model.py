@@ -78,9 +78,10 @@ class HerderModel(RuleBasedStateMachine):
     def prepare(self, split: bool) -> None:
         """Claim a PREPARING job; write all its tasks, or only the first ones (a
         coordinator that will die before finishing)."""
-        job = self.run(self.store.claim_preparation(WORKER, 30))
-        if job is None:
+        claimed = self.run(self.store.claim_preparations(WORKER, 30))
+        if not claimed:
             return
+        [job] = claimed
         if job.stale_tasks:
             self.run(self.store.discard_stale_tasks(job.id, batch=2))
         total = job.payload["tasks"]
@@ -92,7 +93,7 @@ class HerderModel(RuleBasedStateMachine):
             return
         written = self.run(write_batch(self.store, job, rows, last=True))
         if written and total == 0:
-            self.run(self.store.settle([job.id]))
+            self.run(self.store.settle_jobs([job.id]))
 
     @precondition(lambda self: self.half_prepared)
     @rule()
@@ -127,7 +128,7 @@ class HerderModel(RuleBasedStateMachine):
         outcome = Outcome(task.id, task.job_id, task.attempts, status, message)
         applied = self.run(self.store.complete_tasks([outcome]))
         if applied:
-            self.run(self.store.settle([task.job_id]))
+            self.run(self.store.settle_jobs([task.job_id]))
 
     @precondition(lambda self: self.stale)
     @rule(status=st.sampled_from(OUTCOMES), quiet=st.booleans())
@@ -172,15 +173,21 @@ class HerderModel(RuleBasedStateMachine):
             del self.held[task.id]
             outcome = Outcome(task.id, task.job_id, task.attempts, "CANCELED", "canceled")
             self.run(self.store.complete_tasks([outcome]))
-        self.run(self.store.settle(stopped))
+        self.run(self.store.settle_jobs(stopped))
 
     @rule(window=st.integers(1, 3))
     def reopen_a_little(self, window: int) -> None:
         """One window of each resumed or retried job reopened (the daemon does them all)."""
-        for job in self.run(self.store.pool.fetch(Q["reopening_jobs"], 10)):
+        for job in self.run(self.store.pool.fetch(*Q.bind("reopening_jobs", limit=10))):
             self.run(
                 self.store.pool.fetchrow(
-                    Q["reopen_batch"], job["id"], job["reopen_from"], window, job["reopening"]
+                    *Q.bind(
+                        "reopen_batch",
+                        job_id=job["id"],
+                        reopen_from=job["reopen_from"],
+                        window=window,
+                        reopening=job["reopening"],
+                    )
                 )
             )
 
@@ -195,7 +202,7 @@ class HerderModel(RuleBasedStateMachine):
         self.run(self.store.reopen_tasks(window=2))
         for job_id in self.run(self.store.stale_jobs()):
             self.run(self.store.discard_stale_tasks(job_id, batch=2))
-        self.run(self.store.settle(None))
+        self.run(self.store.settle_jobs(None))
         stuck = self.run(
             self.store.pool.fetch(
                 "SELECT j.id, j.status FROM herder.jobs j "

@@ -165,14 +165,12 @@ class Store:
         self, preparer: str, lease: float, limit: int = 1
     ) -> list[PreparationClaim]:
         """Up to ``limit`` PREPARING jobs nobody holds, in priority order."""
-        rows = await self.pool.fetch(Q["claim_preparations"], preparer, lease, limit)
+        rows = await self.pool.fetch(
+            *Q.bind("claim_preparations", preparer=preparer, lease_seconds=lease, limit=limit)
+        )
         claims = [PreparationClaim(**dict(r)) for r in rows]
         claims.sort(key=lambda c: (-c.priority, c.id))
         return claims
-
-    async def claim_preparation(self, preparer: str, lease: float) -> PreparationClaim | None:
-        claims = await self.claim_preparations(preparer, lease, 1)
-        return claims[0] if claims else None
 
     async def copy_modes(self) -> CopyModes:
         """How this daemon's role may load tasks; read on first use."""
@@ -212,15 +210,17 @@ class Store:
         the lease. False, writing nothing, when this preparation no longer holds the job
         (canceled, restarted, taken over) or ``prepared`` is not ``prepared_before``."""
         written = await conn.fetchval(
-            Q["write_batch"],
-            job.id,
-            job.generation,
-            preparer,
-            [r[1] for r in rows],
-            [r[2] for r in rows],
-            prepared_after,
-            lease,
-            prepared_before,
+            *Q.bind(
+                "write_batch",
+                job_id=job.id,
+                generation=job.generation,
+                preparer=preparer,
+                seqs=[r[1] for r in rows],
+                payloads=[r[2] for r in rows],
+                prepared_before=prepared_before,
+                prepared_after=prepared_after,
+                lease_seconds=lease,
+            )
         )
         return written is not None
 
@@ -238,15 +238,17 @@ class Store:
         """write_batch for the last batch: it also commits the job PENDING, its tasks
         allowed ``max_attempts`` each."""
         written = await conn.fetchval(
-            Q["write_last_batch"],
-            job.id,
-            job.generation,
-            preparer,
-            [r[1] for r in rows],
-            [r[2] for r in rows],
-            prepared_after,
-            max_attempts,
-            prepared_before,
+            *Q.bind(
+                "write_last_batch",
+                job_id=job.id,
+                generation=job.generation,
+                preparer=preparer,
+                seqs=[r[1] for r in rows],
+                payloads=[r[2] for r in rows],
+                prepared_before=prepared_before,
+                prepared_after=prepared_after,
+                max_attempts=max_attempts,
+            )
         )
         return written is not None
 
@@ -256,22 +258,24 @@ class Store:
         """Commit whole preparations, each job's tasks and its PENDING status, in one
         statement; returns the ids of the jobs written (the others are no longer held by
         these preparations)."""
-        job_ids, seqs, payloads = [], [], []
+        task_job_ids, seqs, payloads = [], [], []
         for job in jobs:
             for job_id, seq, payload in job.rows:
-                job_ids.append(job_id)
+                task_job_ids.append(job_id)
                 seqs.append(seq)
                 payloads.append(payload)
         rows = await conn.fetch(
-            Q["write_small_preparations"],
-            [j.claim.id for j in jobs],
-            [j.claim.generation for j in jobs],
-            [j.max_attempts for j in jobs],
-            [len(j.rows) for j in jobs],
-            preparer,
-            job_ids,
-            seqs,
-            payloads,
+            *Q.bind(
+                "write_small_preparations",
+                job_ids=[j.claim.id for j in jobs],
+                generations=[j.claim.generation for j in jobs],
+                max_attempts=[j.max_attempts for j in jobs],
+                task_counts=[len(j.rows) for j in jobs],
+                preparer=preparer,
+                task_job_ids=task_job_ids,
+                seqs=seqs,
+                payloads=payloads,
+            )
         )
         return {r["id"] for r in rows}
 
@@ -280,12 +284,14 @@ class Store:
     ) -> bool:
         """Fail the job, if this preparation still holds it; True when it applied."""
         row = await self.pool.fetchrow(
-            Q["fail_preparation"],
-            job.id,
-            job.generation,
-            preparer,
-            storable_text(message, MESSAGE_LIMIT),
-            run_hook,
+            *Q.bind(
+                "fail_preparation",
+                job_id=job.id,
+                generation=job.generation,
+                preparer=preparer,
+                message=storable_text(message, MESSAGE_LIMIT),
+                run_hook=run_hook,
+            )
         )
         return row is not None
 
@@ -294,17 +300,24 @@ class Store:
         returns how many windows this call deleted."""
         windows = 0
         while True:
-            stale = await self.pool.fetchval(Q["stale_tasks"], job_id)
+            stale = await self.pool.fetchval(*Q.bind("stale_tasks", job_id=job_id))
             if not stale:
                 return windows
-            if await self.pool.fetchval(Q["discard_stale_batch"], job_id, stale, batch) is not None:
+            discarded = await self.pool.fetchval(
+                *Q.bind("discard_stale_batch", job_id=job_id, stale_tasks=stale, window=batch)
+            )
+            if discarded is not None:
                 windows += 1
 
     async def stale_jobs(self, limit: int = 100) -> list[int]:
-        return [r["id"] for r in await self.pool.fetch(Q["stale_jobs"], limit)]
+        return [r["id"] for r in await self.pool.fetch(*Q.bind("stale_jobs", limit=limit))]
 
     async def release_preparation(self, job: PreparationClaim, preparer: str) -> None:
-        await self.pool.execute(Q["release_preparation"], job.id, job.generation, preparer)
+        await self.pool.execute(
+            *Q.bind(
+                "release_preparation", job_id=job.id, generation=job.generation, preparer=preparer
+            )
+        )
 
     async def renew_preparations(
         self, held: Iterable[tuple[int, int]], preparer: str, lease: float
@@ -313,7 +326,15 @@ class Store:
         ids, generations = _columns(held)
         if not ids:
             return set()
-        rows = await self.pool.fetch(Q["renew_preparations"], ids, generations, preparer, lease)
+        rows = await self.pool.fetch(
+            *Q.bind(
+                "renew_preparations",
+                job_ids=ids,
+                generations=generations,
+                preparer=preparer,
+                lease_seconds=lease,
+            )
+        )
         return {(r["id"], r["generation"]) for r in rows}
 
     async def preparations_lost(
@@ -323,13 +344,17 @@ class Store:
         ids, generations = _columns(held)
         if not ids:
             return set()
-        rows = await self.pool.fetch(Q["preparations_lost"], ids, generations, preparer)
+        rows = await self.pool.fetch(
+            *Q.bind("preparations_lost", job_ids=ids, generations=generations, preparer=preparer)
+        )
         return {(r["id"], r["generation"]) for r in rows}
 
     # ------------------------------------------------------------ tasks
 
     async def claim_tasks(self, limit: int, worker: str, lease: float) -> list[ClaimedTask]:
-        rows = await self.pool.fetch(Q["claim_tasks"], limit, worker, lease)
+        rows = await self.pool.fetch(
+            *Q.bind("claim_tasks", batch=limit, worker=worker, lease_seconds=lease)
+        )
         return [
             ClaimedTask(
                 r["id"],
@@ -347,7 +372,8 @@ class Store:
     async def start_jobs(self, job_ids: list[int]) -> list[float]:
         """Move jobs PENDING -> IN_PROGRESS; return each started job's commit-to-start
         latency in seconds."""
-        return [r["latency"] for r in await self.pool.fetch(Q["start_jobs"], job_ids)]
+        rows = await self.pool.fetch(*Q.bind("start_jobs", job_ids=job_ids))
+        return [r["latency"] for r in rows]
 
     async def complete_tasks(self, outcomes: Sequence[Outcome]) -> list[tuple[int, int]]:
         """Write outcomes, many per statement; return the (task_id, job_id) that applied.
@@ -357,18 +383,24 @@ class Store:
         rows = []
         if plain:
             rows += await self.pool.fetch(
-                Q["complete_successes"], [o.task_id for o in plain], [o.attempt for o in plain]
+                *Q.bind(
+                    "complete_successes",
+                    task_ids=[o.task_id for o in plain],
+                    attempts=[o.attempt for o in plain],
+                )
             )
         if detailed:
             rows += await self.pool.fetch(
-                Q["complete_tasks"],
-                [o.task_id for o in detailed],
-                [o.attempt for o in detailed],
-                [o.status for o in detailed],
-                [_storable(o.message, MESSAGE_LIMIT) for o in detailed],
-                [o.result_json for o in detailed],
-                [_storable(o.traceback, TRACEBACK_LIMIT) for o in detailed],
-                [o.delay for o in detailed],
+                *Q.bind(
+                    "complete_tasks",
+                    task_ids=[o.task_id for o in detailed],
+                    attempts=[o.attempt for o in detailed],
+                    statuses=[o.status for o in detailed],
+                    messages=[_storable(o.message, MESSAGE_LIMIT) for o in detailed],
+                    results=[o.result_json for o in detailed],
+                    tracebacks=[_storable(o.traceback, TRACEBACK_LIMIT) for o in detailed],
+                    delays=[o.delay for o in detailed],
+                )
             )
         return [(r["id"], r["job_id"]) for r in rows]
 
@@ -377,7 +409,10 @@ class Store:
         ids, attempts = _columns(held)
         if not ids:
             return 0
-        return len(await self.pool.fetch(Q["release_tasks"], ids, attempts, worker))
+        rows = await self.pool.fetch(
+            *Q.bind("release_tasks", task_ids=ids, attempts=attempts, worker=worker)
+        )
+        return len(rows)
 
     async def renew_task_leases(
         self, held: Iterable[tuple[int, int]], worker: str, lease: float
@@ -386,12 +421,20 @@ class Store:
         ids, attempts = _columns(held)
         if not ids:
             return set()
-        rows = await self.pool.fetch(Q["renew_task_leases"], ids, attempts, worker, lease)
+        rows = await self.pool.fetch(
+            *Q.bind(
+                "renew_task_leases",
+                task_ids=ids,
+                attempts=attempts,
+                worker=worker,
+                lease_seconds=lease,
+            )
+        )
         return {(r["id"], r["attempts"]) for r in rows}
 
     async def my_running_tasks(self, worker: str) -> set[tuple[int, int]]:
         """(task id, attempt) of every task the database says ``worker`` runs."""
-        rows = await self.pool.fetch(Q["my_running_tasks"], worker)
+        rows = await self.pool.fetch(*Q.bind("my_running_tasks", worker=worker))
         return {(r["id"], r["attempts"]) for r in rows}
 
     async def rescue_expired_tasks(
@@ -399,18 +442,20 @@ class Store:
     ) -> list[tuple[int, int, str]]:
         """Tasks whose lease ran out, other than ``rescuer``'s own, and ``rescuer``'s own
         started before ``started`` (a previous process of the same name)."""
-        rows = await self.pool.fetch(Q["rescue_expired_tasks"], rescuer, started)
+        rows = await self.pool.fetch(
+            *Q.bind("rescue_expired_tasks", rescuer=rescuer, rescuer_started=started)
+        )
         return [(r["id"], r["job_id"], r["status"]) for r in rows]
 
     async def jobs_not_running(self, job_ids: Iterable[int]) -> set[int]:
         ids = list(set(job_ids))
         if not ids:
             return set()
-        return {r["id"] for r in await self.pool.fetch(Q["jobs_not_running"], ids)}
+        return {r["id"] for r in await self.pool.fetch(*Q.bind("jobs_not_running", job_ids=ids))}
 
     # ------------------------------------------------------------ settlement
 
-    async def settle(self, job_ids: Iterable[int] | None = None) -> list[SettledJob]:
+    async def settle_jobs(self, job_ids: Iterable[int] | None = None) -> list[SettledJob]:
         """Settle every given job (every job, with None) that can settle now.
 
         The candidate query takes no lock. Only a job that looks finished is locked, and
@@ -421,7 +466,7 @@ class Store:
         if ids == []:
             return []
         candidates = []
-        for row in await self.pool.fetch(Q["settle_candidates"], ids):
+        for row in await self.pool.fetch(*Q.bind("settle_candidates", job_ids=ids)):
             if row["status"] == JobStatus.CANCELING:
                 await self.cancel_pending_tasks(row["id"])
             candidates.append(row["id"])
@@ -434,7 +479,9 @@ class Store:
         """Cancel a CANCELING job's pending tasks, a batch per statement."""
         canceled = 0
         while True:
-            status = await self.pool.execute(Q["cancel_pending_batch"], job_id, batch)
+            status = await self.pool.execute(
+                *Q.bind("cancel_pending_batch", job_id=job_id, batch=batch)
+            )
             done = int(status.split()[-1])
             canceled += done
             if done < batch:
@@ -444,11 +491,17 @@ class Store:
         """Walk every resumed or retried job's tasks back to PENDING, one window of seqs
         per statement; returns how many tasks were reopened."""
         reopened = 0
-        for job in await self.pool.fetch(Q["reopening_jobs"], jobs):
+        for job in await self.pool.fetch(*Q.bind("reopening_jobs", limit=jobs)):
             start = job["reopen_from"]
             while True:
                 row = await self.pool.fetchrow(
-                    Q["reopen_batch"], job["id"], start, window, job["reopening"]
+                    *Q.bind(
+                        "reopen_batch",
+                        job_id=job["id"],
+                        reopen_from=start,
+                        window=window,
+                        reopening=job["reopening"],
+                    )
                 )
                 if row is None:  # another daemon moved the window on, or the job moved
                     break
@@ -463,12 +516,12 @@ class Store:
         for the whole batch (a job is locked only when it looked finished)."""
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(Q["prefer_indexes"])
-            locked = await conn.fetch(Q["lock_for_settlement"], job_ids)
+            locked = await conn.fetch(*Q.bind("lock_for_settlement", job_ids=job_ids))
             if not locked:
                 return []
             counts = {
                 r["id"]: TaskCounts(*list(r.values())[1:])
-                for r in await conn.fetch(Q["task_counts"], [r["id"] for r in locked])
+                for r in await conn.fetch(*Q.bind("task_counts", job_ids=[r["id"] for r in locked]))
             }
             settled = []
             for row in locked:
@@ -478,15 +531,17 @@ class Store:
             if settled:
                 announced = [s.settlement.status in JOB_HOOKED for s in settled]
                 await conn.execute(
-                    Q["apply_settlements"],
-                    [s.id for s in settled],
-                    [s.settlement.status.value for s in settled],
-                    [s.settlement.message for s in settled],
-                    [
-                        a and runs_finish_hook(s.kind)
-                        for a, s in zip(announced, settled, strict=True)
-                    ],
-                    announced,
+                    *Q.bind(
+                        "apply_settlements",
+                        job_ids=[s.id for s in settled],
+                        statuses=[s.settlement.status.value for s in settled],
+                        messages=[s.settlement.message for s in settled],
+                        hooked=[
+                            a and runs_finish_hook(s.kind)
+                            for a, s in zip(announced, settled, strict=True)
+                        ],
+                        announced=announced,
+                    )
                 )
         return settled
 
@@ -498,7 +553,7 @@ class Store:
             async with self.pool.acquire() as conn, conn.transaction():
                 if not await conn.fetchval(Q["fold_counts_lock"]):
                     return folded
-                done: int = await conn.fetchval(Q["fold_counts"], batch)
+                done: int = await conn.fetchval(*Q.bind("fold_counts", batch=batch))
             folded += done
             if done < batch:
                 return folded
@@ -506,17 +561,27 @@ class Store:
     async def claim_finish_hook(
         self, kinds: list[str], lease: float, runner: str
     ) -> FinishHookClaim | None:
-        row = await self.pool.fetchrow(Q["claim_finish_hook"], kinds, lease, runner)
+        row = await self.pool.fetchrow(
+            *Q.bind("claim_finish_hook", kinds=kinds, lease_seconds=lease, runner=runner)
+        )
         return None if row is None else FinishHookClaim(**dict(row))
 
     async def renew_finish_hook(self, hook: FinishHookClaim, runner: str, lease: float) -> bool:
         row = await self.pool.fetchrow(
-            Q["renew_finish_hook"], hook.hook_id, hook.attempts, runner, lease
+            *Q.bind(
+                "renew_finish_hook",
+                hook_id=hook.hook_id,
+                attempts=hook.attempts,
+                runner=runner,
+                lease_seconds=lease,
+            )
         )
         return row is not None
 
     async def finish_hook_done(self, hook: FinishHookClaim) -> None:
-        await self.pool.execute(Q["finish_hook_done"], hook.hook_id, hook.attempts)
+        await self.pool.execute(
+            *Q.bind("finish_hook_done", hook_id=hook.hook_id, attempts=hook.attempts)
+        )
 
     # ------------------------------------------------------------ control and reading
 
@@ -525,7 +590,7 @@ class Store:
     ) -> int:
         status = JobStatus.UNVERIFIED if unverified else JobStatus.PREPARING
         job_id: int = await self.pool.fetchval(
-            Q["submit_job"], kind, payload, priority, status.value
+            *Q.bind("submit", kind=kind, payload=payload, priority=priority, status=status.value)
         )
         return job_id
 
@@ -533,11 +598,11 @@ class Store:
         """cancel, resume, retry, restart or verify; True when it applied."""
         if action not in CONTROL_ACTIONS:
             raise ValueError(f"unknown action {action!r}")
-        applied: bool = await self.pool.fetchval(Q[f"{action}_job"], job_id)
+        applied: bool = await self.pool.fetchval(*Q.bind(f"{action}_job", job_id=job_id))
         return applied
 
     async def get_job(self, job_id: int) -> dict[str, Any] | None:
-        row = await self.pool.fetchrow(Q["get_job"], job_id)
+        row = await self.pool.fetchrow(*Q.bind("get_job", job_id=job_id))
         return None if row is None else dict(row)
 
     async def list_jobs(
@@ -549,11 +614,14 @@ class Store:
         owner: str | None = None,
         since: datetime | None = None,
     ) -> list[dict[str, Any]]:
-        rows = await self.pool.fetch(Q["list_jobs"], status, limit, kind, owner, since)
+        rows = await self.pool.fetch(
+            *Q.bind("list_jobs", status=status, limit=limit, kind=kind, owner=owner, since=since)
+        )
         return [dict(r) for r in rows]
 
     async def job_problems(self, job_id: int, limit: int = 5) -> list[dict[str, Any]]:
-        return [dict(r) for r in await self.pool.fetch(Q["job_failures"], job_id, limit)]
+        rows = await self.pool.fetch(*Q.bind("job_problems", job_id=job_id, limit=limit))
+        return [dict(r) for r in rows]
 
     # ------------------------------------------------------------ health and metrics
 
@@ -574,7 +642,7 @@ class Store:
         """Tasks by status (PENDING, IN_PROGRESS) and jobs by the given statuses."""
         tasks: dict[str, int] = {}
         jobs: dict[str, int] = {}
-        for row in await self.pool.fetch(Q["queue_depth"], list(job_statuses)):
+        for row in await self.pool.fetch(*Q.bind("queue_depth", job_statuses=list(job_statuses))):
             (tasks if row["relation"] == "tasks" else jobs)[row["status"]] = row["n"]
         return tasks, jobs
 
@@ -587,19 +655,28 @@ class Store:
         batches small enough never to hold up the workers. Returns (jobs, tasks)."""
         jobs_deleted = tasks_deleted = 0
         while True:
-            ids = [
-                r["id"]
-                for r in await self.pool.fetch(Q["prunable_jobs"], retention, jobs_per_batch)
-            ]
+            prunable = await self.pool.fetch(
+                *Q.bind("prunable_jobs", retention_seconds=retention, limit=jobs_per_batch)
+            )
+            ids = [r["id"] for r in prunable]
             if not ids:
                 return jobs_deleted, tasks_deleted
             while True:
-                status = await self.pool.execute(Q["prune_tasks"], ids, retention, tasks_per_batch)
+                status = await self.pool.execute(
+                    *Q.bind(
+                        "prune_tasks",
+                        job_ids=ids,
+                        retention_seconds=retention,
+                        batch=tasks_per_batch,
+                    )
+                )
                 deleted = int(status.split()[-1])
                 tasks_deleted += deleted
                 if deleted < tasks_per_batch:
                     break
-            status = await self.pool.execute(Q["prune_jobs"], ids, retention)
+            status = await self.pool.execute(
+                *Q.bind("prune_jobs", job_ids=ids, retention_seconds=retention)
+            )
             deleted = int(status.split()[-1])
             jobs_deleted += deleted
             if not deleted:  # all of them restarted meanwhile: try again next time
