@@ -40,20 +40,20 @@ LEASE = 1.0
 
 def _daemon_side_queries() -> set[str]:
     """The named queries the daemon can run: those used by the Store methods that the
-    modules the daemon is built from call (read from the source, so new queries are
-    picked up). Falls back to every query but the CLI's."""
-    store_path = Path(sys.modules["herder.store"].__file__ or "")
-    tree = ast.parse(store_path.read_text())
+    modules the daemon is built from call (read from the source of the store package, so
+    new queries are picked up). Falls back to every query but the CLI's."""
+    store_dir = Path(sys.modules["herder.store"].__file__ or "").parent
     uses: dict[str, set[str]] = {}
     calls: dict[str, set[str]] = {}
     functions: list[ast.FunctionDef | ast.AsyncFunctionDef] = []
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name == "Store":
-            functions += [
-                f for f in node.body if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef)
-            ]
-        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-            functions.append(node)
+    for store_path in sorted(store_dir.glob("*.py")):
+        for node in ast.parse(store_path.read_text()).body:
+            if isinstance(node, ast.ClassDef):  # Store and the groups of statements it is made of
+                functions += [
+                    f for f in node.body if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef)
+                ]
+            elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                functions.append(node)
     for fn in functions:
         uses[fn.name] = set()
         calls[fn.name] = set()
@@ -83,7 +83,7 @@ def _daemon_side_queries() -> set[str]:
             continue
         seen.add(module)
         path = sys.modules[module].__file__
-        if path is None or module == "herder.store":
+        if path is None or module.split(".")[:2] == ["herder", "store"]:
             continue
         source = ast.parse(Path(path).read_text())
         for sub in ast.walk(source):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from herder.sql import QUERIES, Queries
+from herder.sql.queries import QUERIES, Queries
 
 
 def one(sql: str) -> Queries:

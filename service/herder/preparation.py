@@ -203,7 +203,7 @@ class OrderedWriter:
                 if written:
                     await transaction.commit()
                 else:
-                    await transaction.rollback()
+                    await transaction.rollback()  # not ours (or failed): no row of it stays
             return written
 
     async def _turn(self, batch: Batch) -> bool:

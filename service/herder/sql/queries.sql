@@ -28,7 +28,7 @@ RETURNING j.id, j.kind, j.payload, j.priority, j.owner, j.generation, j.prepared
 -- COPY FROM refuses a role subject to row-level security (a daemon running as a plain
 -- herder_worker member); such a daemon writes every batch with write_batch.
 -- A role that may set session_replication_role (a superuser, or one granted SET on it)
--- may load with the foreign key's per-row checks off: see preparation.py.
+-- may load with the foreign key's per-row checks off: see herder/preparation.py.
 SELECT r.rolsuper OR r.rolbypassrls OR pg_has_role(c.relowner, 'USAGE') AS copy,
        has_parameter_privilege('session_replication_role', 'SET') AS unchecked
 FROM pg_roles r, pg_class c
