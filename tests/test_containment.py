@@ -31,6 +31,7 @@ import herder
 from herder import db
 from herder.daemon import Daemon, DaemonConfig
 from herder.kinds import Kind, KindError, unregister
+from herder.preparation import Batch, OrderedWriter
 from herder.store import Store
 from tests.support import (
     DaemonProcess,
@@ -581,15 +582,16 @@ async def test_case09_a_stale_preparer_cannot_fail_a_job_another_daemon_holds(
     whose lease ran out (another daemon now prepares the job) could fail the job and
     delete the new holder's tasks. Now it writes nothing."""
     job_id = await submit(conn, "synthetic", {"tasks": 2})
-    stale = await store.claim_preparation("daemon-a", 0.05)
-    assert stale is not None and stale.id == job_id
+    [stale] = await store.claim_preparations("daemon-a", 0.05)
+    assert stale.id == job_id
 
     async def taken_over() -> Any:
-        return await store.claim_preparation("daemon-b", 30.0)
+        return await store.claim_preparations("daemon-b", 30.0)
 
-    fresh = await wait_for(taken_over, timeout=5, what="daemon-a's lease to run out")
+    [fresh] = await wait_for(taken_over, timeout=5, what="daemon-a's lease to run out")
     assert fresh.id == job_id
-    assert await store.write_tasks(fresh, "daemon-b", [(job_id, 0, {"i": 0})], 0, 30.0)
+    batch = Batch([(job_id, 0, db.encode_json({"i": 0}))], 0, last=False, previous=None)
+    assert await OrderedWriter(store, "daemon-b", 30.0, fresh, max_attempts=3).write(batch)
     refused = await store.fail_preparation(
         stale, "daemon-a", "prepare failed: too late", run_hook=True
     )

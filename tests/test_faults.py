@@ -40,32 +40,27 @@ LEASE = 1.0
 
 def _daemon_side_queries() -> set[str]:
     """The named queries the daemon can run: those used by the Store methods that the
-    modules the daemon is built from call (read from the source, so new queries are
-    picked up). Falls back to every query but the CLI's."""
-    store_path = Path(sys.modules["herder.store"].__file__ or "")
-    tree = ast.parse(store_path.read_text())
+    modules the daemon is built from call (read from the source of the store package, so
+    new queries are picked up). Falls back to every query but the CLI's."""
+    store_dir = Path(sys.modules["herder.store"].__file__ or "").parent
     uses: dict[str, set[str]] = {}
     calls: dict[str, set[str]] = {}
     functions: list[ast.FunctionDef | ast.AsyncFunctionDef] = []
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name == "Store":
-            functions += [
-                f for f in node.body if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef)
-            ]
-        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-            functions.append(node)
+    for store_path in sorted(store_dir.glob("*.py")):
+        for node in ast.parse(store_path.read_text()).body:
+            if isinstance(node, ast.ClassDef):  # Store and the groups of statements it is made of
+                functions += [
+                    f for f in node.body if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef)
+                ]
+            elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                functions.append(node)
     for fn in functions:
         uses[fn.name] = set()
         calls[fn.name] = set()
         for sub in ast.walk(fn):
-            if (
-                isinstance(sub, ast.Subscript)
-                and isinstance(sub.value, ast.Name)
-                and sub.value.id == "Q"
-                and isinstance(sub.slice, ast.Constant)
-                and isinstance(sub.slice.value, str)
-            ):
-                uses[fn.name].add(sub.slice.value)
+            query = _query_named(sub)
+            if query is not None:
+                uses[fn.name].add(query)
             elif isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Name):
                 calls[fn.name].add(sub.attr)
             elif isinstance(sub, ast.Name):
@@ -88,7 +83,7 @@ def _daemon_side_queries() -> set[str]:
             continue
         seen.add(module)
         path = sys.modules[module].__file__
-        if path is None or module == "herder.store":
+        if path is None or module.split(".")[:2] == ["herder", "store"]:
             continue
         source = ast.parse(Path(path).read_text())
         for sub in ast.walk(source):
@@ -112,9 +107,32 @@ def _daemon_side_queries() -> set[str]:
     return names
 
 
+def _query_named(node: ast.AST) -> str | None:
+    """The query a node of the store's source names: Q["name"] or Q.bind("name", ...)."""
+    if (
+        isinstance(node, ast.Subscript)
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "Q"
+        and isinstance(node.slice, ast.Constant)
+        and isinstance(node.slice.value, str)
+    ):
+        return node.slice.value
+    if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and isinstance(node.func.value, ast.Name)
+        and node.func.value.id == "Q"
+        and node.args
+        and isinstance(node.args[0], ast.Constant)
+        and isinstance(node.args[0].value, str)
+    ):
+        return node.args[0].value
+    return None
+
+
 #: What only people run (the CLI, psql): the daemon never does.
 CLI_ONLY = {
-    "submit_job",
+    "submit",
     "cancel_job",
     "resume_job",
     "retry_job",
@@ -122,7 +140,7 @@ CLI_ONLY = {
     "verify_job",
     "get_job",
     "list_jobs",
-    "job_failures",
+    "job_problems",
 }
 #: Run by the daemon, but not where this harness can reach them.
 NOT_EXERCISED = {

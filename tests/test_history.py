@@ -87,22 +87,44 @@ async def history(conn: db.Connection) -> tuple[list[int], int]:
     ("query", "args"),
     [
         # herder show: the failures and warnings of a job
-        ("job_failures", lambda h, live: (h[3], 5)),
+        ("job_problems", lambda h, live: {"job_id": h[3], "limit": 5}),
         # retention: a batch of an old job's tasks
-        ("prune_tasks", lambda h, live: ([h[0]], 30 * 86400.0, 5000)),
+        (
+            "prune_tasks",
+            lambda h, live: {"job_ids": [h[0]], "retention_seconds": 30 * 86400.0, "batch": 5000},
+        ),
         # restart and failed preparations: a window of a job's old tasks
-        ("discard_stale_batch", lambda h, live: (h[1], TASKS_PER_JOB, 5000)),
+        (
+            "discard_stale_batch",
+            lambda h, live: {"job_id": h[1], "stale_tasks": TASKS_PER_JOB, "window": 5000},
+        ),
         # resume and retry: a window of a job's tasks reopened
-        ("reopen_batch", lambda h, live: (h[2], 0, 5000, "retry")),
-        ("reopen_batch", lambda h, live: (h[2], 0, 5000, "resume")),
+        (
+            "reopen_batch",
+            lambda h, live: {
+                "job_id": h[2],
+                "reopen_from": 0,
+                "window": 5000,
+                "reopening": "retry",
+            },
+        ),
+        (
+            "reopen_batch",
+            lambda h, live: {
+                "job_id": h[2],
+                "reopen_from": 0,
+                "window": 5000,
+                "reopening": "resume",
+            },
+        ),
         # cancel: a batch of a job's pending tasks
-        ("cancel_pending_batch", lambda h, live: (live, 5000)),
+        ("cancel_pending_batch", lambda h, live: {"job_id": live, "batch": 5000}),
     ],
 )
 async def test_per_job_statements_use_the_jobs_index_never_a_table_scan(
     conn: db.Connection, history: tuple[list[int], int], query: str, args: Any
 ) -> None:
-    scans = await _plan(conn, Q[query], *args(*history))
+    scans = await _plan(conn, *Q.bind(query, **args(*history)))
     on_tasks = [s for s in scans if s[1] == "tasks" or s[2] in JOB_INDEXES]
     assert on_tasks, scans
     assert all(s[0] != "Seq Scan" for s in on_tasks), scans
@@ -113,13 +135,14 @@ async def test_settlement_and_progress_read_the_counts_not_the_tasks(
     conn: db.Connection, history: tuple[list[int], int]
 ) -> None:
     old, live = history
-    for query, args in [
-        ("settle_candidates", ([live],)),
-        ("lock_for_settlement", ([live],)),
-        ("task_counts", ([live, old[0]],)),
-        ("get_job", (old[0],)),
-    ]:
-        scans = await _plan(conn, Q[query], *args)
+    cases: list[tuple[str, dict[str, Any]]] = [
+        ("settle_candidates", {"job_ids": [live]}),
+        ("lock_for_settlement", {"job_ids": [live]}),
+        ("task_counts", {"job_ids": [live, old[0]]}),
+        ("get_job", {"job_id": old[0]}),
+    ]
+    for query, args in cases:
+        scans = await _plan(conn, *Q.bind(query, **args))
         assert all(s[0] != "Seq Scan" for s in scans if s[1] == "tasks"), (query, scans)
     # The counts function reads the counts tables only.
     body = await conn.fetchval(
@@ -179,24 +202,42 @@ async def test_statements_on_many_jobs_read_them_by_index_even_on_stale_statisti
         )
     ]
     batch = ids[2000:2050]
-    cases: list[tuple[str, tuple[Any, ...]]] = [
-        ("start_jobs", (batch,)),
-        ("lock_for_settlement", (batch,)),
-        ("settle_candidates", (batch,)),
-        ("task_counts", (batch,)),
-        ("apply_settlements", (batch, ["SUCCESS"] * 50, [None] * 50, [False] * 50, [False] * 50)),
-        ("claim_preparations", ("d", 30.0, 64)),
+    cases: list[tuple[str, dict[str, Any]]] = [
+        ("start_jobs", {"job_ids": batch}),
+        ("lock_for_settlement", {"job_ids": batch}),
+        ("settle_candidates", {"job_ids": batch}),
+        ("task_counts", {"job_ids": batch}),
+        (
+            "apply_settlements",
+            {
+                "job_ids": batch,
+                "statuses": ["SUCCESS"] * 50,
+                "messages": [None] * 50,
+                "hooked": [False] * 50,
+                "announced": [False] * 50,
+            },
+        ),
+        ("claim_preparations", {"preparer": "d", "lease_seconds": 30.0, "limit": 64}),
         (
             "write_small_preparations",
-            (batch, [1] * 50, [3] * 50, [1] * 50, "d", batch, [0] * 50, ["{}"] * 50),
+            {
+                "job_ids": batch,
+                "generations": [1] * 50,
+                "max_attempts": [3] * 50,
+                "task_counts": [1] * 50,
+                "preparer": "d",
+                "task_job_ids": batch,
+                "seqs": [0] * 50,
+                "payloads": ["{}"] * 50,
+            },
         ),
-        ("jobs_not_running", (batch,)),
+        ("jobs_not_running", {"job_ids": batch}),
     ]
     for query, args in cases:
         async with conn.transaction():
             if query in SETTLEMENT:  # Store._settle_batch: one transaction preferring indexes
                 await conn.execute(Q["prefer_indexes"])
-            scans = await _plan(conn, Q[query], *args)
+            scans = await _plan(conn, *Q.bind(query, **args))
         assert not [s for s in scans if s[0] == "Seq Scan" and s[1] in ("jobs", "tasks")], (
             query,
             scans,

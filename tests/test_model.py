@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from herder import db
+from herder.preparation import Batch, OrderedWriter
 from herder.sql import QUERIES as Q
 from herder.states import JOB_FINISHED, JOB_RUNS_TASKS, TASK_ACTIVE, JobStatus, TaskCounts, settle
 from herder.store import ClaimedTask, Outcome, PreparationClaim, Store
@@ -35,6 +36,14 @@ class Env:
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self.loop.run_until_complete(coro)
+
+
+async def write_batch(
+    store: Store, job: PreparationClaim, rows: list[tuple[int, int, bytes]], *, last: bool
+) -> bool:
+    """One batch of the job's preparation, from where it stands (the last: the job PENDING)."""
+    batch = Batch(rows, job.prepared, last=last, previous=None)
+    return await OrderedWriter(store, WORKER, 30, job, max_attempts=3).write(batch)
 
 
 class HerderModel(RuleBasedStateMachine):
@@ -69,23 +78,22 @@ class HerderModel(RuleBasedStateMachine):
     def prepare(self, split: bool) -> None:
         """Claim a PREPARING job; write all its tasks, or only the first ones (a
         coordinator that will die before finishing)."""
-        job = self.run(self.store.claim_preparation(WORKER, 30))
-        if job is None:
+        claimed = self.run(self.store.claim_preparations(WORKER, 30))
+        if not claimed:
             return
+        [job] = claimed
         if job.stale_tasks:
             self.run(self.store.discard_stale_tasks(job.id, batch=2))
         total = job.payload["tasks"]
-        rows = [(job.id, seq, {"i": seq}) for seq in range(job.prepared, total)]
+        rows = [(job.id, seq, db.encode_json({"i": seq})) for seq in range(job.prepared, total)]
         if split and len(rows) > 1:
             first = rows[: len(rows) // 2]
-            if self.run(self.store.write_tasks(job, WORKER, first, job.prepared, 30)):
+            if self.run(write_batch(self.store, job, first, last=False)):
                 self.half_prepared.append((job, job.prepared + len(first)))
             return
-        written = self.run(
-            self.store.write_tasks(job, WORKER, rows, job.prepared, 30, finish_max_attempts=3)
-        )
+        written = self.run(write_batch(self.store, job, rows, last=True))
         if written and total == 0:
-            self.run(self.store.settle([job.id]))
+            self.run(self.store.settle_jobs([job.id]))
 
     @precondition(lambda self: self.half_prepared)
     @rule()
@@ -120,7 +128,7 @@ class HerderModel(RuleBasedStateMachine):
         outcome = Outcome(task.id, task.job_id, task.attempts, status, message)
         applied = self.run(self.store.complete_tasks([outcome]))
         if applied:
-            self.run(self.store.settle([task.job_id]))
+            self.run(self.store.settle_jobs([task.job_id]))
 
     @precondition(lambda self: self.stale)
     @rule(status=st.sampled_from(OUTCOMES), quiet=st.booleans())
@@ -165,15 +173,21 @@ class HerderModel(RuleBasedStateMachine):
             del self.held[task.id]
             outcome = Outcome(task.id, task.job_id, task.attempts, "CANCELED", "canceled")
             self.run(self.store.complete_tasks([outcome]))
-        self.run(self.store.settle(stopped))
+        self.run(self.store.settle_jobs(stopped))
 
     @rule(window=st.integers(1, 3))
     def reopen_a_little(self, window: int) -> None:
         """One window of each resumed or retried job reopened (the daemon does them all)."""
-        for job in self.run(self.store.pool.fetch(Q["reopening_jobs"], 10)):
+        for job in self.run(self.store.pool.fetch(*Q.bind("reopening_jobs", limit=10))):
             self.run(
                 self.store.pool.fetchrow(
-                    Q["reopen_batch"], job["id"], job["reopen_from"], window, job["reopening"]
+                    *Q.bind(
+                        "reopen_batch",
+                        job_id=job["id"],
+                        reopen_from=job["reopen_from"],
+                        window=window,
+                        reopening=job["reopening"],
+                    )
                 )
             )
 
@@ -188,7 +202,7 @@ class HerderModel(RuleBasedStateMachine):
         self.run(self.store.reopen_tasks(window=2))
         for job_id in self.run(self.store.stale_jobs()):
             self.run(self.store.discard_stale_tasks(job_id, batch=2))
-        self.run(self.store.settle(None))
+        self.run(self.store.settle_jobs(None))
         stuck = self.run(
             self.store.pool.fetch(
                 "SELECT j.id, j.status FROM herder.jobs j "

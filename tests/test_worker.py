@@ -273,7 +273,7 @@ async def test_stale_outcomes_are_fenced_out(store: Store, conn: db.Connection) 
     on_time = Outcome(second.id, job_id, second.attempts, "CANCELED", "canceled while running")
     assert await store.complete_tasks([on_time]) == [(second.id, job_id)]
     assert await store.complete_tasks([on_time]) == []  # a repeat changes nothing
-    [settled] = await store.settle([job_id])
+    [settled] = await store.settle_jobs([job_id])
     assert settled.settlement.status == "CANCELED"
 
 

@@ -108,7 +108,7 @@ class Completer:
         if not jobs:
             return
         try:
-            self.metrics.settled(await self.store.settle(jobs))
+            self.metrics.settled(await self.store.settle_jobs(jobs))
         except BaseException:
             self._unsettled |= jobs  # tried again when the settler restarts
             raise

@@ -226,7 +226,7 @@ class Coordinator:
             return
         bound.info("prepared", tasks=total, seconds=round(time.monotonic() - started, 3))
         if total == 0:
-            self.metrics.settled(await self.store.settle([job.id]))
+            self.metrics.settled(await self.store.settle_jobs([job.id]))
 
     async def _fail(
         self, job: PreparationClaim, message: str, bound: Any, *, run_hook: bool | None = None

@@ -89,7 +89,7 @@ class Maintenance:
         await self._stop_what_must_stop()
         await self.store.reopen_tasks()
         # Settling also cancels the pending tasks of CANCELING jobs, in batches.
-        self.metrics.settled(await self.store.settle(None))
+        self.metrics.settled(await self.store.settle_jobs(None))
         if not full:
             return
         for task_id, job_id, status in await self.store.rescue_expired_tasks(

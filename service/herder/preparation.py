@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import functools
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +24,7 @@ import asyncpg
 from anyio.streams.memory import MemoryObjectReceiveStream
 from prometheus_client import Counter
 
-from herder.db import encode_json
+from herder.db import PoolConnection, encode_json
 from herder.kinds import KIND_CODE_ERRORS, InvalidPayload, JobContext, Kind
 from herder.resilience import TRANSIENT
 from herder.signals import Wakeup
@@ -35,6 +34,8 @@ from herder.store import PreparationClaim, SmallPreparation, Store
 LOADING_BATCHES = 2
 #: Tasks one small-jobs statement writes at most.
 SMALL_JOBS_ROWS = 10_000
+#: Rows from which a batch goes in by COPY.
+COPY_THRESHOLD = 1000
 
 Rows = list[tuple[int, int, bytes]]
 
@@ -112,16 +113,16 @@ async def write_in_order(
     Batches are built while earlier ones are loading, and up to LOADING_BATCHES load at
     once on their own connections, so the kind's code and the database (both of its
     cores, on a small machine) work at the same time. They still commit one after
-    another, in order (see _OrderedWriter).
+    another, in order (see OrderedWriter).
     """
-    writer = _OrderedWriter(store, name, lease, job, kind.max_attempts, tally)
+    writer = OrderedWriter(store, name, lease, job, kind.max_attempts)
     send, receive = anyio.create_memory_object_stream[Batch](1)
     total = 0
     try:
         async with anyio.create_task_group() as writing:
             async with receive:
                 for _ in range(LOADING_BATCHES):
-                    writing.start_soon(writer.run, receive.clone(), writing.cancel_scope)
+                    writing.start_soon(writer.run, receive.clone(), writing.cancel_scope, tally)
             async with send:
                 batch = first
                 while True:
@@ -138,7 +139,7 @@ async def write_in_order(
     return total if writer.held else None
 
 
-class _OrderedWriter:
+class OrderedWriter:
     """Loads a preparation's batches on several connections and commits them in order.
 
     Each batch's rows go in (COPY) as soon as a connection is free, but its transaction
@@ -149,48 +150,92 @@ class _OrderedWriter:
     """
 
     def __init__(
-        self,
-        store: Store,
-        name: str,
-        lease: float,
-        job: PreparationClaim,
-        max_attempts: int,
-        tally: Counter,
+        self, store: Store, name: str, lease: float, job: PreparationClaim, max_attempts: int
     ) -> None:
         self.store = store
         self.name = name
         self.lease = lease
         self.job = job
         self.max_attempts = max_attempts
-        self.tally = tally
         #: False once a batch found the job no longer ours.
         self.held = True
 
-    async def run(self, batches: MemoryObjectReceiveStream[Batch], stop: anyio.CancelScope) -> None:
+    async def run(
+        self, batches: MemoryObjectReceiveStream[Batch], stop: anyio.CancelScope, tally: Counter
+    ) -> None:
         async with batches:
             async for batch in batches:
-                written = await self.store.write_tasks(
-                    self.job,
-                    self.name,
-                    batch.rows,
-                    batch.first,
-                    self.lease,
-                    turn=functools.partial(self._turn, batch.previous),
-                    finish_max_attempts=self.max_attempts if batch.last else None,
-                )
-                if not written:
-                    self.held = False
-                batch.through.set()
-                if not self.held:
+                if not await self.write(batch):
                     stop.cancel()  # the job was canceled, restarted or taken over
                     return
-                self.tally.inc(len(batch.rows))
+                tally.inc(len(batch.rows))
 
-    async def _turn(self, previous: anyio.Event | None) -> bool:
+    async def write(self, batch: Batch) -> bool:
+        """Commit a batch once the batch before it is through (at once, for the first);
+        False, with nothing written, when the job is no longer ours."""
+        written = await self._load_and_commit(batch)
+        if not written:
+            self.held = False
+        batch.through.set()
+        return written
+
+    async def _load_and_commit(self, batch: Batch) -> bool:
+        modes = await self.store.copy_modes()
+        async with self.store.pool.acquire() as conn:
+            # COPY is the fastest way in, but costs extra round trips: big batches only.
+            if not (modes.copy and len(batch.rows) >= COPY_THRESHOLD):
+                return await self._turn(batch) and await self._commit(conn, batch, batch.rows)
+            transaction = conn.transaction()
+            await transaction.start()
+            written = False
+            try:
+                # The foreign key checks each row with a query of its own, the costliest
+                # part of a COPY. These rows need no check: this same transaction commits
+                # them only if the fenced write below finds their job, and locks it
+                # against deletion until then.
+                if modes.unchecked:
+                    await self.store.skip_row_triggers(conn)
+                await self.store.copy_tasks(conn, batch.rows)
+                if modes.unchecked:
+                    await self.store.fire_row_triggers(conn)
+                written = await self._turn(batch) and await self._commit(conn, batch, ())
+            finally:
+                if written:
+                    await transaction.commit()
+                else:
+                    await transaction.rollback()  # not ours (or failed): no row of it stays
+            return written
+
+    async def _turn(self, batch: Batch) -> bool:
         """Wait for the batch before to be through; may this one commit?"""
-        if previous is not None:
-            await previous.wait()
+        if batch.previous is not None:
+            await batch.previous.wait()
         return self.held
+
+    async def _commit(
+        self, conn: PoolConnection, batch: Batch, rows: Sequence[tuple[int, int, bytes]]
+    ) -> bool:
+        """The fenced write: ``rows`` (none when COPY loaded them) and the job's count."""
+        end = batch.first + len(batch.rows)
+        if batch.last:
+            return await self.store.write_last_batch(
+                conn,
+                self.job,
+                self.name,
+                rows,
+                prepared_before=batch.first,
+                prepared_after=end,
+                max_attempts=self.max_attempts,
+            )
+        return await self.store.write_batch(
+            conn,
+            self.job,
+            self.name,
+            rows,
+            prepared_before=batch.first,
+            prepared_after=end,
+            lease=self.lease,
+        )
 
 
 @dataclass(slots=True)
@@ -238,7 +283,7 @@ class SmallJobs:
 
     async def _write(self, group: list[_Waiting]) -> None:
         try:
-            written = await self.store.write_small_preparations([w.job for w in group], self.name)
+            written = await self._commit([w.job for w in group])
         except TRANSIENT as exc:
             for waiting in group:
                 waiting.error = exc
@@ -254,6 +299,17 @@ class SmallJobs:
                 waiting.written = waiting.job.claim.id in written
         for waiting in group:
             waiting.done.set()
+
+    async def _commit(self, jobs: list[SmallPreparation]) -> set[int]:
+        modes = await self.store.copy_modes()
+        async with self.store.pool.acquire() as conn, conn.transaction():
+            # The foreign key checks each row with a query of its own, and these rows need
+            # none: the statement writes them only for jobs it holds locked. (The jobs' own
+            # row triggers are skipped with them: the only one an UPDATE of `prepared`
+            # fires checks max_tasks_per_job, which the preparation has already enforced.)
+            if modes.unchecked:
+                await self.store.skip_row_triggers(conn)
+            return await self.store.write_small_preparations(conn, jobs, self.name)
 
 
 async def _kind_code(kind: Kind, context: JobContext) -> AsyncGenerator[Any, None]:

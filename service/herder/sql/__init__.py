@@ -8,17 +8,9 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 
-_NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+from herder.sql.queries import QUERIES
 
-
-def _load() -> dict[str, str]:
-    text = resources.files(__name__).joinpath("queries.sql").read_text()
-    parts = _NAME.split(text)
-    # parts = [preamble, name1, body1, name2, body2, ...]
-    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
-
-
-QUERIES: dict[str, str] = _load()
+__all__ = ["QUERIES", "Upgrade", "schema_sql", "upgrades"]
 
 
 def schema_sql() -> str:
