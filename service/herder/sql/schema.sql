@@ -301,7 +301,7 @@ CREATE TRIGGER tasks_counted_delete AFTER DELETE ON herder.tasks
     REFERENCING OLD TABLE AS old_rows
     FOR EACH STATEMENT EXECUTE FUNCTION herder.count_task_changes();
 -- Preparation loads with session_replication_role = replica (no per-row foreign key
--- check; see Store.write_tasks): these must fire all the same.
+-- check; see preparation.OrderedWriter): these must fire all the same.
 ALTER TABLE herder.tasks ENABLE ALWAYS TRIGGER tasks_counted_insert;
 ALTER TABLE herder.tasks ENABLE ALWAYS TRIGGER tasks_counted_update;
 ALTER TABLE herder.tasks ENABLE ALWAYS TRIGGER tasks_counted_delete;
