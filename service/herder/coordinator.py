@@ -59,8 +59,11 @@ class Coordinator:
         max_preparations: int = 2,
         batch_size: int = 10_000,
         flush_seconds: float = 0.25,
+        kinds: list[str] | None = None,
     ) -> None:
+        """``kinds``: the kinds this daemon serves (None: any)."""
         self.store = store
+        self.kinds = kinds
         self.name = name
         self.metrics = metrics
         self.lease = lease
@@ -104,7 +107,9 @@ class Coordinator:
                     self._intake.acquire_nowait()
                     places += 1
                 try:
-                    jobs = await self.store.claim_preparations(self.name, self.lease, places)
+                    jobs = await self.store.claim_preparations(
+                        self.name, self.lease, places, self.kinds
+                    )
                 except BaseException:
                     for _ in range(places):
                         self._intake.release()

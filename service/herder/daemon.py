@@ -3,6 +3,7 @@ one task group, and shuts them down in order."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -19,7 +20,7 @@ from herder import listener as channels
 from herder.coordinator import Coordinator
 from herder.health import HealthServer
 from herder.hooks import HookRunner
-from herder.kinds import check_kinds, load_app, processes
+from herder.kinds import check_kinds, known_kinds, load_app, processes
 from herder.listener import Listener
 from herder.maintenance import Maintenance
 from herder.metrics import Metrics
@@ -55,6 +56,8 @@ class Daemon:
         for module in config.apps:
             load_app(module)
         processes.configure(config.apps)
+        #: What this daemon claims: the kinds its --app modules declare, and the built-in.
+        self.kinds = known_kinds()
         check_kinds()
         self.started_at = time.monotonic()
         self.metrics = Metrics()
@@ -120,6 +123,7 @@ class Daemon:
                 lease=cfg.lease_seconds,
                 poll_interval=cfg.poll_interval,
                 prefetch=cfg.prefetch,
+                kinds=self.kinds,
             )
             self.coordinator = Coordinator(
                 self.store,
@@ -127,6 +131,7 @@ class Daemon:
                 metrics=self.metrics,
                 lease=cfg.lease_seconds,
                 poll_interval=cfg.poll_interval,
+                kinds=self.kinds,
             )
             self.metrics.running.set_function(lambda: self.worker.running_count)
             self.hooks = HookRunner(
@@ -143,7 +148,9 @@ class Daemon:
                 retention=cfg.retention_seconds,
                 wake_all=self._wake_all,
                 started=started,
+                kinds=self.kinds,
             )
+            await retrying("register the daemon", self.maintenance.register)
             self._built = True
             async with anyio.create_task_group() as tg:
                 if handle_signals:
@@ -175,6 +182,9 @@ class Daemon:
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                if self._built:
+                    with contextlib.suppress(*TRANSIENT):
+                        await self.store.forget_daemon(self.name)
                 await app_pool.close()
                 await pool.close()
             processes.close()

@@ -8,7 +8,9 @@ rescues or settles is always read from the database.
 
 from __future__ import annotations
 
+import os
 import random
+import socket
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -44,6 +46,7 @@ class Maintenance:
         retention: float,
         wake_all: Callable[[], None],
         started: datetime,
+        kinds: list[str],
     ) -> None:
         """``started``: the database's clock before this daemon claimed anything. Tasks
         of this daemon's name that started earlier belong to a previous process."""
@@ -57,6 +60,7 @@ class Maintenance:
         self.retention = retention
         self.wake_all = wake_all
         self.started = started
+        self.kinds = kinds
         #: False while the last sweep could not reach the database.
         self.database_ok = True
         self._look_now = Wakeup()
@@ -97,10 +101,25 @@ class Maintenance:
         ):
             self.metrics.tasks_rescued.inc()
             log.warning("rescued task of a lost worker", task_id=task_id, job_id=job_id, now=status)
+        await self.register(starting=False)
+        await self.store.expire_daemons()
+        self.metrics.jobs_unserved.set(await self.store.mark_unserved_jobs())
         for job_id in await self.store.stale_jobs():
             await self.store.discard_stale_tasks(job_id)
         await self.store.fold_counts()
         self.wake_all()
+
+    async def register(self, *, starting: bool = True) -> None:
+        """This daemon's row in herder.daemons, renewed for a lease by every full sweep
+        (which runs several times per lease)."""
+        await self.store.register_daemon(
+            self.name,
+            socket.gethostname(),
+            os.getpid(),
+            self.kinds,
+            self.lease,
+            starting=starting,
+        )
 
     async def _stop_what_must_stop(self) -> None:
         held_jobs = self.worker.held_job_ids

@@ -79,6 +79,11 @@ class Metrics:
             registry=r,
         )
         self.running = Gauge("herder_tasks_running", "Tasks in a handler now", registry=r)
+        self.jobs_unserved = Gauge(
+            "herder_jobs_unserved",
+            "PREPARING jobs of a kind no live daemon serves (as of this daemon's last sweep)",
+            registry=r,
+        )
         self._durations: dict[str, Histogram] = {}
 
     def claimed(self, tasks: int) -> None:

@@ -64,8 +64,11 @@ class Worker:
         claim_batch: int = 1000,
         complete_batch: int = 1000,
         flush_seconds: float = 0.002,
+        kinds: list[str] | None = None,
     ) -> None:
+        """``kinds``: the kinds this daemon serves (None: any)."""
         self.store = store
+        self.kinds = kinds
         self.name = name
         self.metrics = metrics
         self.concurrency = concurrency
@@ -243,7 +246,7 @@ class Worker:
                 continue
             asked = min(room, self.claim_batch)
             self._claim_in_doubt = True
-            claimed = await self.store.claim_tasks(asked, self.name, self.lease)
+            claimed = await self.store.claim_tasks(asked, self.name, self.lease, self.kinds)
             self._claim_in_doubt = False
             if not self._claiming:
                 # Shutdown began while the claim was in flight: these never ran.

@@ -36,6 +36,7 @@ from herder.cli.options import (
 from herder.cli.render import (
     Job,
     emit,
+    fleet_table,
     jobs_table,
     print_job,
     print_json,
@@ -264,6 +265,18 @@ async def cmd_submit(args: argparse.Namespace, url: str) -> int:
     return _exit_code(job)
 
 
+async def cmd_fleet(args: argparse.Namespace, url: str) -> int:
+    async with _open_store(url) as store:
+        daemons = await store.daemons()
+    if args.json:
+        print_json(daemons)
+    elif not daemons:
+        print("no live daemon")
+    else:
+        stdout().print(fleet_table(daemons))
+    return 0
+
+
 async def cmd_jobs(args: argparse.Namespace, url: str) -> int:
     status = None if args.status is None else args.status.value
     async with _open_store(url) as store:
@@ -367,5 +380,6 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, str], Awaitable[int]]] = {
     "prune": cmd_prune,
     "show": cmd_show,
     **dict.fromkeys(CONTROL_ACTIONS, cmd_control),
+    "fleet": cmd_fleet,
     "demo": cmd_demo,
 }

@@ -271,6 +271,8 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         control = command(action, CONTROL_HELP[action])
         control.add_argument("job_id", metavar="JOB_ID", type=_job_id)
 
+    command("fleet", "the live daemons: name, host, pid, kinds, started, last seen")
+
     command("demo", "run a demo job in an in-process daemon and show it")
     return parser
 
@@ -296,8 +298,8 @@ def _add_run_options(parser: argparse.ArgumentParser, env: Mapping[str, str]) ->
         "--name",
         default=None,
         metavar="NAME",
-        help="this daemon's name in tasks.worker, logs and /healthz; one per process, "
-        "never reused after a restart (default HOST:PID:RANDOM)",
+        help="this daemon's name in tasks.worker, herder.daemons, logs and /healthz; one "
+        "live process per name (default HOST:PID:RANDOM)",
     )
     opt(
         "--health-addr",

@@ -120,6 +120,23 @@ def _when(moment: datetime | None, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:
     return "" if moment is None else moment.astimezone().strftime(fmt)
 
 
+def fleet_table(daemons: list[dict[str, Any]]) -> Table:
+    table = Table(box=box.SIMPLE_HEAD)
+    for name in ("name", "host", "pid", "started", "seen"):
+        table.add_column(name, justify="right" if name == "pid" else "left", no_wrap=True)
+    table.add_column("kinds")
+    for daemon in daemons:
+        table.add_row(
+            Text(daemon["name"]),
+            Text(daemon["host"]),
+            str(daemon["pid"]),
+            _when(daemon["started_at"]),
+            _when(daemon["seen_at"]),
+            Text(", ".join(daemon["kinds"])),
+        )
+    return table
+
+
 def jobs_table(jobs: list[Job]) -> Table:
     table = Table(box=box.SIMPLE_HEAD)
     for name in ("id", "kind", "status", "priority", "owner", "created"):

@@ -9,14 +9,19 @@
 -- Each claim bumps the generation, which names this preparation attempt: every write it
 -- makes is fenced by it, so an earlier holder (dead, slow, or this very daemon before a
 -- cancel and resume) can write nothing more.
+-- Only jobs of the kinds this daemon serves (:kinds; NULL: any). A job marked as served
+-- by no daemon loses the mark (see mark_unserved_jobs): a PREPARING job has no other
+-- message.
 UPDATE herder.jobs j
 SET preparer = :preparer,
     prepare_lease_until = clock_timestamp() + make_interval(secs => :lease_seconds),
-    generation = j.generation + 1
+    generation = j.generation + 1,
+    message = NULL
 WHERE j.id IN (
     SELECT id FROM herder.jobs
     WHERE status = 'PREPARING'
       AND (prepare_lease_until IS NULL OR prepare_lease_until < clock_timestamp())
+      AND (:kinds::text[] IS NULL OR kind = ANY (:kinds::text[]))
     ORDER BY priority DESC, id
     LIMIT :limit
     FOR NO KEY UPDATE SKIP LOCKED
@@ -193,7 +198,7 @@ WHERE NOT EXISTS (
 -- name: claim_tasks
 -- See herder.claim_tasks in schema.sql: one round trip, planner settings attached.
 SELECT id, job_id, seq, payload, attempts, attempts_base, kind, job_status
-FROM herder.claim_tasks(:batch, :worker, :lease_seconds);
+FROM herder.claim_tasks(:batch, :worker, :lease_seconds, :kinds::text[]);
 
 -- name: start_jobs
 -- PENDING -> IN_PROGRESS once a task of the job has started. Locks in id order so two
@@ -547,6 +552,43 @@ SELECT id, seq, status, attempts, message FROM herder.tasks
 WHERE job_id = :job_id AND status IN ('FAILURE', 'WARNING')
 ORDER BY ended_at DESC NULLS LAST, id DESC
 LIMIT :limit;
+
+-- name: register_daemon
+-- This daemon's row in herder.daemons, written as it starts (a row left by a previous
+-- process of the same name is replaced) and renewed by its sweep.
+INSERT INTO herder.daemons AS d (name, host, pid, kinds, started_at, seen_at, lease_until)
+VALUES (:name, :host, :pid, :kinds::text[], clock_timestamp(), clock_timestamp(),
+        clock_timestamp() + make_interval(secs => :lease_seconds))
+ON CONFLICT (name) DO UPDATE
+SET host = excluded.host, pid = excluded.pid, kinds = excluded.kinds,
+    started_at = CASE WHEN :starting THEN excluded.started_at ELSE d.started_at END,
+    seen_at = excluded.seen_at, lease_until = excluded.lease_until;
+
+-- name: forget_daemon
+DELETE FROM herder.daemons WHERE name = :name;
+
+-- name: expire_daemons
+-- Daemons whose lease ran out: they died without forgetting themselves.
+DELETE FROM herder.daemons WHERE lease_until < clock_timestamp();
+
+-- name: mark_unserved_jobs
+-- PREPARING jobs of a kind no live daemon serves wait, and say so (claim_preparations
+-- clears the message); returns how many wait.
+WITH unserved AS (
+    SELECT j.id, j.kind FROM herder.jobs j
+    WHERE j.status = 'PREPARING'
+      AND NOT EXISTS (SELECT 1 FROM herder.daemons d
+                      WHERE d.lease_until >= clock_timestamp() AND j.kind = ANY (d.kinds))
+), marked AS (
+    UPDATE herder.jobs j
+    SET message = 'waiting: no live daemon serves kind ' || quote_literal(u.kind)
+    FROM unserved u
+    WHERE j.id = u.id AND j.status = 'PREPARING' AND j.message IS NULL
+)
+SELECT count(*) FROM unserved;
+
+-- name: daemons
+SELECT name, host, pid, kinds, started_at, seen_at FROM herder.daemons ORDER BY name;
 
 -- name: database_clock
 SELECT clock_timestamp();

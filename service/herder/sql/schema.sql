@@ -97,6 +97,20 @@ CREATE TABLE IF NOT EXISTS herder.tasks (
         'SUCCESS', 'WARNING', 'FAILURE'))
 );
 
+-- The live daemons, one row each, kept by the daemon itself: written when it starts and
+-- renewed by its sweep, deleted when it stops, and by any daemon's sweep once its lease
+-- has run out (it died). Their kinds route jobs: a job of a kind none of them serves
+-- waits in PREPARING, saying so.
+CREATE TABLE IF NOT EXISTS herder.daemons (
+    name        text PRIMARY KEY,
+    host        text NOT NULL,
+    pid         int NOT NULL,
+    kinds       text[] NOT NULL,
+    started_at  timestamptz NOT NULL,
+    seen_at     timestamptz NOT NULL,
+    lease_until timestamptz NOT NULL
+);
+
 -- The on_finished outbox: one row per settlement to SUCCESS, WARNING or FAILURE, written
 -- in the settling transaction, deleted when the hook has run. A row per settlement (not
 -- a flag on the job) so that a retry settling the job again while the first hook runs
@@ -176,6 +190,13 @@ BEGIN
     IF TG_OP = 'INSERT' THEN
         -- Whatever the INSERT said: only verify_job approves a job.
         NEW.verified := NEW.status IS DISTINCT FROM 'UNVERIFIED';
+        -- A kind is a name daemons are routed by, shown in every listing.
+        IF NEW.kind = '' OR pg_catalog.length(NEW.kind) > 200
+           OR NEW.kind OPERATOR(pg_catalog.~) '[[:cntrl:]]' THEN
+            RAISE EXCEPTION 'job kind % is not a kind name: 1 to 200 characters, none of them '
+                'control characters', pg_catalog.left(pg_catalog.quote_literal(NEW.kind), 80)
+                USING ERRCODE = 'check_violation';
+        END IF;
     END IF;
     IF TG_OP = 'INSERT' OR NEW.payload IS DISTINCT FROM OLD.payload THEN
         size := pg_catalog.octet_length(NEW.payload::text);
@@ -670,7 +691,8 @@ GRANT SELECT ON herder.jobs, herder.settings TO herder_verifier;
 GRANT INSERT (kind, payload, priority, status) ON herder.jobs TO herder_submitter;
 GRANT INSERT, UPDATE, DELETE ON herder.jobs, herder.tasks TO herder_worker;
 GRANT SELECT, INSERT, UPDATE, DELETE ON herder.finish_hooks, herder.job_counts,
-    herder.job_count_deltas TO herder_worker;
+    herder.job_count_deltas, herder.daemons TO herder_worker;
+GRANT SELECT ON herder.daemons TO herder_submitter, herder_verifier;
 REVOKE ALL ON FUNCTION herder.task_counts(bigint) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION herder.task_counts(bigint)
     TO herder_submitter, herder_worker, herder_verifier;

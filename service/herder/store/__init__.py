@@ -3,12 +3,14 @@
 Coordinator, worker, CLI and tests go through ``Store``; none of them writes SQL. The
 queries themselves live in ``sql/queries.sql``, and each method runs one (or a batched
 loop of one, or the few statements of one transaction). The methods are grouped by what
-their statements are about: ``preparation``, ``tasks``, ``settlement`` and ``jobs``.
+their statements are about: ``preparation``, ``tasks``, ``settlement``, ``jobs`` and
+``fleet``.
 """
 
 from __future__ import annotations
 
 from herder.db import Pool
+from herder.store.fleet import FleetStatements
 from herder.store.jobs import CONTROL_ACTIONS, JobStatements
 from herder.store.preparation import (
     CopyModes,
@@ -32,7 +34,9 @@ __all__ = [
 ]
 
 
-class Store(PreparationStatements, TaskStatements, SettlementStatements, JobStatements):
+class Store(
+    PreparationStatements, TaskStatements, SettlementStatements, JobStatements, FleetStatements
+):
     def __init__(
         self, pool: Pool, app_pool: Pool | None = None, *, unchecked_copy: bool | None = None
     ) -> None:

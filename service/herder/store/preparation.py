@@ -63,11 +63,18 @@ class PreparationStatements:
     _copy_modes: CopyModes | None
 
     async def claim_preparations(
-        self, preparer: str, lease: float, limit: int = 1
+        self, preparer: str, lease: float, limit: int = 1, kinds: list[str] | None = None
     ) -> list[PreparationClaim]:
-        """Up to ``limit`` PREPARING jobs nobody holds, in priority order."""
+        """Up to ``limit`` PREPARING jobs nobody holds, of ``kinds`` (None: any), in
+        priority order."""
         rows = await self.pool.fetch(
-            *Q.bind("claim_preparations", preparer=preparer, lease_seconds=lease, limit=limit)
+            *Q.bind(
+                "claim_preparations",
+                preparer=preparer,
+                lease_seconds=lease,
+                limit=limit,
+                kinds=kinds,
+            )
         )
         claims = [PreparationClaim(**dict(r)) for r in rows]
         claims.sort(key=lambda c: (-c.priority, c.id))

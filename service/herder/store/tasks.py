@@ -68,9 +68,13 @@ class Outcome:
 class TaskStatements:
     pool: Pool
 
-    async def claim_tasks(self, limit: int, worker: str, lease: float) -> list[ClaimedTask]:
+    async def claim_tasks(
+        self, limit: int, worker: str, lease: float, kinds: list[str] | None = None
+    ) -> list[ClaimedTask]:
+        """Up to ``limit`` tasks of ``kinds`` (None: any), shared fairly (see
+        herder.claim_tasks in schema.sql)."""
         rows = await self.pool.fetch(
-            *Q.bind("claim_tasks", batch=limit, worker=worker, lease_seconds=lease)
+            *Q.bind("claim_tasks", batch=limit, worker=worker, lease_seconds=lease, kinds=kinds)
         )
         return [
             ClaimedTask(
