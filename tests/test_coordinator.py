@@ -109,16 +109,23 @@ async def test_bad_synthetic_payload_fails_the_job_naming_the_key(
     assert await conn.fetchval("SELECT count(*) FROM herder.tasks WHERE job_id = $1", bad) == 0
 
 
-async def test_unknown_kind_fails_naming_it_and_the_daemon_goes_on(
+async def test_a_kind_no_daemon_serves_waits_saying_so_and_the_daemon_goes_on(
     db_url: str, conn: db.Connection
 ) -> None:
     async with running_daemon(db_url):
-        bad = await submit(conn, "no_such_kind", {})
+        unserved = await submit(conn, "no_such_kind", {})
         good = await submit(conn, "synthetic", {"tasks": 5})
-        failed = await wait_finished(conn, bad)
         assert (await wait_finished(conn, good))["status"] == "SUCCESS"
-    assert failed["status"] == "FAILURE"
-    assert "no_such_kind" in failed["message"]
+
+        async def says_so() -> dict[str, Any] | None:
+            job = await job_row(conn, unserved)
+            return job if job["message"] is not None else None
+
+        job = await wait_for(says_so, what="the unserved job's message")
+    assert (job["status"], job["message"]) == (
+        "PREPARING",
+        "waiting: no live daemon serves kind 'no_such_kind'",
+    )
 
 
 async def test_prepare_that_raises_fails_the_job_and_leaves_no_tasks(

@@ -169,6 +169,7 @@ EVERY_CALL = {
     "rescue_expired_tasks",
     "jobs_not_running",
     "preparations_lost",
+    "expire_daemons",  # a daemon that died without forgetting itself is rare
 }
 #: The daemon's queries this scenario was written against; a query not listed here (new
 #: in the code) gets every extra job, so that it has the best chance to run.

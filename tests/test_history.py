@@ -217,7 +217,10 @@ async def test_statements_on_many_jobs_read_them_by_index_even_on_stale_statisti
                 "announced": [False] * 50,
             },
         ),
-        ("claim_preparations", {"preparer": "d", "lease_seconds": 30.0, "limit": 64}),
+        (
+            "claim_preparations",
+            {"preparer": "d", "lease_seconds": 30.0, "limit": 64, "kinds": ["synthetic"]},
+        ),
         (
             "write_small_preparations",
             {

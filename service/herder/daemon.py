@@ -3,7 +3,6 @@ one task group, and shuts them down in order."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
 import signal
@@ -183,8 +182,10 @@ class Daemon:
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 if self._built:
-                    with contextlib.suppress(*TRANSIENT):
+                    try:
                         await self.store.forget_daemon(self.name)
+                    except Exception as exc:  # its lease runs out instead
+                        log.warning("could not remove this daemon's row", error=str(exc))
                 await app_pool.close()
                 await pool.close()
             processes.close()
