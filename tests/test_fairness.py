@@ -86,3 +86,29 @@ async def test_priority_stays_strict_between_levels(db_url: str, conn: db.Connec
         await conn.execute("SELECT herder.cancel_job($1)", low)
     assert job["status"] == "SUCCESS"
     assert overlap == 0, overlap
+
+
+async def test_urgent_work_runs_before_what_the_daemon_already_holds(
+    db_url: str, conn: db.Connection
+) -> None:
+    """A daemon holding a second of 100 ms tasks claims a higher-priority job at its next
+    claim, and runs it before what it holds: its local queue is ordered by priority."""
+    async with running_daemon(db_url, concurrency=10):
+        slow = await _submit_as(conn, "alice", {"tasks": 2_000, "task_ms": 100})
+
+        async def holding() -> bool:
+            held: int = await conn.fetchval(
+                "SELECT count(*) FROM herder.tasks WHERE job_id = $1 AND status = 'IN_PROGRESS'",
+                slow,
+            )
+            return held >= 50
+
+        await wait_for(holding, what="the daemon to hold slow tasks")
+        urgent: int = await conn.fetchval(
+            "INSERT INTO herder.jobs (kind, payload, owner, priority) "
+            "VALUES ('synthetic', $1, 'bob', 5) RETURNING id",
+            {"tasks": 10, "task_ms": 100},
+        )
+        seconds = await _seconds_to_settle(conn, urgent)
+        await conn.execute("SELECT herder.cancel_job($1)", slow)
+    assert seconds <= 1.5, seconds

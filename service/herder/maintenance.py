@@ -19,6 +19,7 @@ import anyio
 import structlog
 
 from herder.coordinator import Coordinator
+from herder.kinds import get_kind
 from herder.metrics import Metrics
 from herder.resilience import TRANSIENT
 from herder.signals import Wakeup
@@ -111,7 +112,11 @@ class Maintenance:
 
     async def register(self, *, starting: bool = True) -> None:
         """This daemon's row in herder.daemons, renewed for a lease by every full sweep
-        (which runs several times per lease)."""
+        (which runs several times per lease); at start, the rows of its kinds."""
+        if starting:
+            await self.store.register_kinds(
+                {name: kind.max_running for name in self.kinds if (kind := get_kind(name))}
+            )
         await self.store.register_daemon(
             self.name,
             socket.gethostname(),

@@ -10,8 +10,10 @@ handed back on shutdown), and the heartbeat renews the leases of everything held
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 import time
-from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import anyio
@@ -39,6 +41,32 @@ TASK_SECONDS_WEIGHT = 0.2
 SHUTDOWN_WRITES = 10.0
 #: An executor lets the event loop run other things at least once per this many tasks.
 YIELD_EVERY = 32
+
+
+class LocalQueue:
+    """The claimed tasks waiting for an executor: the highest priority first, then in the
+    order claimed. A claim of urgent work made while tasks of lower priority wait runs
+    before them."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[int, int, ClaimedTask]] = []
+        self._added = itertools.count()
+
+    def add(self, tasks: list[ClaimedTask]) -> None:
+        for task in tasks:
+            heapq.heappush(self._heap, (-task.priority, next(self._added), task))
+
+    def pop(self) -> ClaimedTask:
+        return heapq.heappop(self._heap)[2]
+
+    def clear(self) -> None:
+        self._heap.clear()
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def __iter__(self) -> Iterator[ClaimedTask]:
+        return (entry[2] for entry in self._heap)
 
 
 @dataclass(slots=True)
@@ -98,7 +126,7 @@ class Worker:
         self._capacity = Wakeup()  # held tasks were written back
         self._work = Wakeup()  # the local queue has tasks
         self._idle = Wakeup()  # nothing is running
-        self._queue: deque[ClaimedTask] = deque()
+        self._queue = LocalQueue()
         #: Every claimed attempt not yet written back, by (task id, attempt).
         self._held: dict[tuple[int, int], ClaimedTask] = {}
         self._running: dict[tuple[int, int], _Slot] = {}  # the slot running each attempt
@@ -267,7 +295,7 @@ class Worker:
                 starting = sorted({t.job_id for t in claimed if t.job_status == "PENDING"})
                 if starting:
                     await self._start_jobs(starting)
-                self._queue.extend(claimed)
+                self._queue.add(claimed)
                 self._work.set()
             if len(claimed) < asked:
                 await self.wakeup.wait(self._idle_wait())
@@ -347,7 +375,7 @@ class Worker:
                     if not self._queue:
                         await self._work.wait()
                         continue
-                    task = self._queue.popleft()
+                    task = self._queue.pop()
                     if self._queue:
                         self._work.set()
                     self._finish(await self._run_in(slot, task))

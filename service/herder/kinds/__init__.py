@@ -183,6 +183,7 @@ class Kind:
         max_backoff: float = 300.0,
         prepare_resumes: bool = False,
         executor: str = "thread",
+        max_running: int | None = None,
     ) -> None:
         if not name:
             raise KindError("a kind needs a name")
@@ -190,6 +191,8 @@ class Kind:
             raise KindError(f"kind {name!r}: max_attempts must be at least 1")
         if timeout is not None and timeout <= 0:
             raise KindError(f"kind {name!r}: timeout must be positive")
+        if max_running is not None and max_running < 0:
+            raise KindError(f"kind {name!r}: max_running must be at least 0")
         if executor not in ("thread", "process"):
             raise KindError(f"kind {name!r}: executor must be 'thread' or 'process'")
         if name in _REGISTRY:
@@ -204,6 +207,9 @@ class Kind:
         #: Where a plain ``process`` runs: worker threads, or worker processes
         #: (herder.kinds.processes) for CPU-bound code.
         self.executor = executor
+        #: Tasks of this kind IN_PROGRESS at once across the fleet, at most: the first
+        #: value of its herder.kinds row (an operator's UPDATE there wins).
+        self.max_running = max_running
         #: A plain ``process`` of an executor="process" kind, as declared: what the
         #: worker processes call.
         self.plain_process: Callable[[TaskContext], JSON] | None = None

@@ -197,7 +197,7 @@ WHERE NOT EXISTS (
 
 -- name: claim_tasks
 -- See herder.claim_tasks in schema.sql: one round trip, planner settings attached.
-SELECT id, job_id, seq, payload, attempts, attempts_base, kind, job_status
+SELECT id, job_id, seq, payload, attempts, attempts_base, kind, job_status, priority
 FROM herder.claim_tasks(:batch, :worker, :lease_seconds, :kinds::text[]);
 
 -- name: start_jobs
@@ -563,6 +563,13 @@ ON CONFLICT (name) DO UPDATE
 SET host = excluded.host, pid = excluded.pid, kinds = excluded.kinds,
     started_at = CASE WHEN :starting THEN excluded.started_at ELSE d.started_at END,
     seen_at = excluded.seen_at, lease_until = excluded.lease_until;
+
+-- name: register_kinds
+-- The kinds this daemon serves, with their declared limits, where the fleet does not
+-- know them yet: a row that exists is the operator's to change, and is kept.
+INSERT INTO herder.kinds (name, max_running)
+SELECT k.name, k.max_running FROM unnest(:names::text[], :limits::int[]) AS k(name, max_running)
+ON CONFLICT (name) DO NOTHING;
 
 -- name: forget_daemon
 DELETE FROM herder.daemons WHERE name = :name;

@@ -361,7 +361,8 @@ SELECT j.id AS job_id,
 FROM herder.jobs j
 CROSS JOIN LATERAL herder.task_counts(j.id) c;
 
--- Claim up to `batch` tasks of the given kinds (NULL: any) for a worker. Claimable means:
+-- Claim up to `batch` tasks of the given kinds (NULL: any) but not of `excluded` (kinds
+-- under a limit, claimed apart: see claim_tasks) for a worker. Claimable means:
 -- the task is PENDING and due, and its job is PENDING or IN_PROGRESS in the same
 -- snapshot. A job that is still PREPARING is never joined, so its tasks cannot start
 -- however early they were written.
@@ -381,8 +382,8 @@ CROSS JOIN LATERAL herder.task_counts(j.id) c;
 -- and for a handful it prefers a bitmap scan of the job's whole pending set plus a sort,
 -- where an ordered index scan stops at the LIMIT; and it would join the picked tasks back
 -- to the table by hashing a scan of all of it instead of looking each up by primary key.
-CREATE OR REPLACE FUNCTION herder.claim_tasks(batch int, worker_name text, lease_seconds float8,
-                                              kinds text[] DEFAULT NULL)
+CREATE OR REPLACE FUNCTION herder.claim_fair(batch int, worker_name text, lease_seconds float8,
+                                             kinds text[], excluded text[])
 RETURNS TABLE (id bigint, job_id bigint, seq int, payload jsonb, attempts int,
                attempts_base int, kind text, job_status text, priority int)
 LANGUAGE plpgsql VOLATILE
@@ -431,6 +432,7 @@ BEGIN
                 SELECT j.id, j.kind, j.status FROM herder.jobs j
                 WHERE j.status IN ('PENDING', 'IN_PROGRESS') AND j.priority = level
                   AND j.owner = w.o AND (kinds IS NULL OR j.kind = ANY (kinds))
+                  AND NOT (j.kind = ANY (coalesce(excluded, '{}')))
                   AND EXISTS (SELECT 1 FROM herder.tasks p
                               WHERE p.job_id = j.id AND p.status = 'PENDING'
                                 AND (p.run_at IS NULL OR p.run_at <= clock_timestamp()))
@@ -492,6 +494,7 @@ BEGIN
                 ) c
                 WHERE j.status IN ('PENDING', 'IN_PROGRESS') AND j.priority = level
                   AND (kinds IS NULL OR j.kind = ANY (kinds))
+                  AND NOT (j.kind = ANY (coalesce(excluded, '{}')))
                 ORDER BY j.priority DESC, j.owner, j.id
                 LIMIT wanted
             ) pick
@@ -506,6 +509,65 @@ BEGIN
         wanted := wanted - got;
         EXIT WHEN wanted <= 0;
     END LOOP;
+END;
+$$;
+
+-- The kinds the fleet serves: each daemon inserts a row for each kind it serves (with the
+-- kind's declared max_running the first time), and keeps what an operator sets:
+-- `UPDATE herder.kinds SET max_running = 4 WHERE name = 'llm'` holds for the next claim
+-- of every daemon. NULL: no limit.
+CREATE TABLE IF NOT EXISTS herder.kinds (
+    name        text PRIMARY KEY,
+    max_running int CHECK (max_running >= 0)
+);
+
+-- Claim up to `batch` tasks of the given kinds (NULL: any), fairly (claim_fair), with
+-- the fleet-wide limits of herder.kinds enforced in the claim's own transaction: a
+-- limited kind's row is locked while its running tasks (prefetched ones included: they
+-- are IN_PROGRESS) are counted and at most the rest claimed, so two daemons can never
+-- both take the last place. Limited kinds are claimed first, then the rest; the worker's
+-- local queue orders what it holds by priority.
+CREATE OR REPLACE FUNCTION herder.claim_tasks(batch int, worker_name text, lease_seconds float8,
+                                              kinds text[] DEFAULT NULL)
+RETURNS TABLE (id bigint, job_id bigint, seq int, payload jsonb, attempts int,
+               attempts_base int, kind text, job_status text, priority int)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+SET enable_bitmapscan = off
+SET enable_hashjoin = off
+SET enable_mergejoin = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    limited record;
+    all_limited text[];
+    free bigint;
+    wanted int := batch;
+    got int;
+BEGIN
+    SELECT coalesce(array_agg(k.name), '{}') INTO all_limited
+    FROM herder.kinds k WHERE k.max_running IS NOT NULL;
+    FOR limited IN
+        SELECT k.name, k.max_running FROM herder.kinds k
+        WHERE k.max_running IS NOT NULL AND (kinds IS NULL OR k.name = ANY (kinds))
+        ORDER BY k.name
+        FOR UPDATE
+    LOOP
+        EXIT WHEN wanted <= 0;
+        SELECT limited.max_running - count(*) INTO free
+        FROM herder.tasks t JOIN herder.jobs j ON j.id = t.job_id
+        WHERE t.status = 'IN_PROGRESS' AND j.kind = limited.name;
+        IF free > 0 THEN
+            RETURN QUERY SELECT * FROM herder.claim_fair(
+                least(free, wanted)::int, worker_name, lease_seconds, ARRAY[limited.name], NULL);
+            GET DIAGNOSTICS got = ROW_COUNT;
+            wanted := wanted - got;
+        END IF;
+    END LOOP;
+    IF wanted > 0 THEN
+        RETURN QUERY SELECT * FROM herder.claim_fair(
+            wanted, worker_name, lease_seconds, kinds, all_limited);
+    END IF;
 END;
 $$;
 
@@ -693,6 +755,8 @@ GRANT INSERT, UPDATE, DELETE ON herder.jobs, herder.tasks TO herder_worker;
 GRANT SELECT, INSERT, UPDATE, DELETE ON herder.finish_hooks, herder.job_counts,
     herder.job_count_deltas, herder.daemons TO herder_worker;
 GRANT SELECT ON herder.daemons TO herder_submitter, herder_verifier;
+GRANT SELECT, INSERT, UPDATE ON herder.kinds TO herder_worker;  -- UPDATE: the claim's lock
+GRANT SELECT ON herder.kinds TO herder_submitter, herder_verifier;
 REVOKE ALL ON FUNCTION herder.task_counts(bigint) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION herder.task_counts(bigint)
     TO herder_submitter, herder_worker, herder_verifier;

@@ -35,6 +35,13 @@ class FleetStatements:
             )
         )
 
+    async def register_kinds(self, limits: dict[str, int | None]) -> None:
+        """Create the herder.kinds rows of these kinds (name: declared max_running) that
+        do not exist; existing rows, an operator's limits, are kept."""
+        await self.pool.execute(
+            *Q.bind("register_kinds", names=list(limits), limits=list(limits.values()))
+        )
+
     async def forget_daemon(self, name: str) -> None:
         await self.pool.execute(*Q.bind("forget_daemon", name=name))
 

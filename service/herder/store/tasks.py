@@ -26,6 +26,8 @@ class ClaimedTask:
     job_status: str
     #: Its job was canceled or restarted while the task waited in the local queue.
     stopped: bool = False
+    #: Its job's priority: the local queue runs higher priorities first.
+    priority: int = 0
 
     @property
     def key(self) -> tuple[int, int]:
@@ -86,6 +88,7 @@ class TaskStatements:
                 r["attempts_base"],
                 r["kind"],
                 r["job_status"],
+                priority=r["priority"],
             )
             for r in rows
         ]
