@@ -150,6 +150,7 @@ NOT_EXERCISED = {
     "max_result_bytes": "read once as the worker starts, before the harness can wrap the "
     "pool (needs a seam: a pool wrapper in DaemonConfig)",
     "database_clock": "read once as the daemon starts, before the harness can wrap the pool",
+    "register_kinds": "run once as the daemon starts, before the harness can wrap the pool",
 }
 #: Run only when the daemon shuts down: the shutdown scenario.
 SHUTDOWN = {"release_preparation", "release_tasks"}

@@ -262,7 +262,11 @@ _odd_text = st.text(
 ) | st.sampled_from(["\u202e", "\u2028", "\ufeff", "\U0001f980", "e\u0301", "\\", '"'])
 
 _json = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | _odd_text,
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | _odd_text,
     lambda children: (
         st.lists(children, max_size=3) | st.dictionaries(_odd_text, children, max_size=3)
     ),
