@@ -34,6 +34,8 @@ from herder.store import PreparationClaim, SmallPreparation, Store
 LOADING_BATCHES = 2
 #: Tasks one small-jobs statement writes at most.
 SMALL_JOBS_ROWS = 10_000
+#: Tasks a small-jobs statement writes from which it skips the foreign key's checks.
+UNCHECKED_ROWS = 200
 #: Rows from which a batch goes in by COPY.
 COPY_THRESHOLD = 1000
 
@@ -302,14 +304,19 @@ class SmallJobs:
 
     async def _commit(self, jobs: list[SmallPreparation]) -> set[int]:
         modes = await self.store.copy_modes()
-        async with self.store.pool.acquire() as conn, conn.transaction():
-            # The foreign key checks each row with a query of its own, and these rows need
-            # none: the statement writes them only for jobs it holds locked. (The jobs' own
-            # row triggers are skipped with them: the only one an UPDATE of `prepared`
-            # fires checks max_tasks_per_job, which the preparation has already enforced.)
-            if modes.unchecked:
+        rows = sum(len(job.rows) for job in jobs)
+        async with self.store.pool.acquire() as conn:
+            if not (modes.unchecked and rows >= UNCHECKED_ROWS):
+                return await self.store.write_small_preparations(conn, jobs, self.name)
+            async with conn.transaction():
+                # The foreign key checks each row with a query of its own, and these rows
+                # need none: the statement writes them only for jobs it holds locked. (The
+                # jobs' own row triggers are skipped with them: the only one an UPDATE of
+                # `prepared` fires checks max_tasks_per_job, which the preparation has
+                # already enforced.) Only for many rows: the transaction around it costs
+                # three round trips, which a job of a few tasks would wait for.
                 await self.store.skip_row_triggers(conn)
-            return await self.store.write_small_preparations(conn, jobs, self.name)
+                return await self.store.write_small_preparations(conn, jobs, self.name)
 
 
 async def _kind_code(kind: Kind, context: JobContext) -> AsyncGenerator[Any, None]:
