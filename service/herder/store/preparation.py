@@ -117,20 +117,16 @@ class PreparationStatements:
         and move ``jobs.prepared`` from ``prepared_before`` to ``prepared_after``, renewing
         the lease. False, writing nothing, when this preparation no longer holds the job
         (canceled, restarted, taken over) or ``prepared`` is not ``prepared_before``."""
-        written = await conn.fetchval(
-            *Q.bind(
-                "write_batch",
-                job_id=job.id,
-                generation=job.generation,
-                preparer=preparer,
-                seqs=[r[1] for r in rows],
-                payloads=[r[2] for r in rows],
-                prepared_before=prepared_before,
-                prepared_after=prepared_after,
-                lease_seconds=lease,
-            )
+        return await self._fenced_write(
+            conn,
+            "write_batch",
+            job,
+            preparer,
+            rows,
+            prepared_before,
+            prepared_after,
+            lease_seconds=lease,
         )
-        return written is not None
 
     async def write_last_batch(
         self,
@@ -145,9 +141,31 @@ class PreparationStatements:
     ) -> bool:
         """write_batch for the last batch: it also commits the job PENDING, its tasks
         allowed ``max_attempts`` each."""
+        return await self._fenced_write(
+            conn,
+            "write_last_batch",
+            job,
+            preparer,
+            rows,
+            prepared_before,
+            prepared_after,
+            max_attempts=max_attempts,
+        )
+
+    async def _fenced_write(
+        self,
+        conn: PoolConnection,
+        query: str,
+        job: PreparationClaim,
+        preparer: str,
+        rows: Sequence[tuple[int, int, Any]],
+        prepared_before: int,
+        prepared_after: int,
+        **own: Any,
+    ) -> bool:
         written = await conn.fetchval(
             *Q.bind(
-                "write_last_batch",
+                query,
                 job_id=job.id,
                 generation=job.generation,
                 preparer=preparer,
@@ -155,7 +173,7 @@ class PreparationStatements:
                 payloads=[r[2] for r in rows],
                 prepared_before=prepared_before,
                 prepared_after=prepared_after,
-                max_attempts=max_attempts,
+                **own,
             )
         )
         return written is not None
