@@ -439,6 +439,10 @@ BEGIN
                 ORDER BY j.priority DESC, j.owner, j.id
                 LIMIT max_jobs
             ) s
+        ), counted AS (
+            -- How many jobs took part, for the fill below: a statement cannot hand a
+            -- number back beside its rows, so it goes through a transaction setting.
+            SELECT set_config('herder.claim_jobs', count(*)::text, true) AS jobs FROM served
         ), shares AS (
             SELECT s.*,
                    ceil(ceil(wanted::numeric / (SELECT count(DISTINCT o) FROM served))
@@ -468,13 +472,16 @@ BEGIN
         )
         SELECT c.id, c.job_id, c.seq, c.payload, c.attempts, c.attempts_base, c.kind,
                c.status, level
-        FROM claimed c
+        FROM claimed c CROSS JOIN counted
         ORDER BY row_number() OVER (PARTITION BY c.job_id ORDER BY c.seq), c.job_id;
         GET DIAGNOSTICS got = ROW_COUNT;
         wanted := wanted - got;
         EXIT WHEN wanted <= 0;
         -- What the shares left: this level's jobs in order (tasks claimed above are
-        -- IN_PROGRESS now, and skipped).
+        -- IN_PROGRESS now, and skipped). A lone job had the whole batch for its share:
+        -- nothing is left to fill at this level (the common case of an idle daemon). (Only
+        -- when it gave a task is the setting surely this statement's.)
+        CONTINUE WHEN got > 0 AND current_setting('herder.claim_jobs', true) = '1';
         RETURN QUERY
         WITH claimed AS (
             UPDATE herder.tasks t
@@ -547,6 +554,10 @@ DECLARE
 BEGIN
     SELECT coalesce(array_agg(k.name), '{}') INTO all_limited
     FROM herder.kinds k WHERE k.max_running IS NOT NULL;
+    IF all_limited = '{}' THEN  -- the common case: one statement less
+        RETURN QUERY SELECT * FROM herder.claim_fair(batch, worker_name, lease_seconds, kinds, NULL);
+        RETURN;
+    END IF;
     FOR limited IN
         SELECT k.name, k.max_running FROM herder.kinds k
         WHERE k.max_running IS NOT NULL AND (kinds IS NULL OR k.name = ANY (kinds))
