@@ -49,7 +49,7 @@ class Event(enum.StrEnum):
 
     VERIFY = "verify"  # herder.verify_job
     PREPARED = "prepared"  # the coordinator committed the tasks
-    PREPARE_FAILED = "prepare_failed"  # unknown kind, bad payload, prepare raised
+    PREPARE_FAILED = "prepare_failed"  # bad payload, prepare raised (or a kind it cannot load)
     FIRST_TASK_STARTED = "first_task_started"
     CANCEL = "cancel"  # herder.cancel_job
     SETTLE = "settle"  # no task PENDING or IN_PROGRESS any more
