@@ -112,3 +112,29 @@ async def test_urgent_work_runs_before_what_the_daemon_already_holds(
         seconds = await _seconds_to_settle(conn, urgent)
         await conn.execute("SELECT herder.cancel_job($1)", slow)
     assert seconds <= 1.5, seconds
+
+
+async def test_a_small_job_is_prepared_and_done_behind_three_long_preparations(
+    db_url: str, conn: db.Connection
+) -> None:
+    """Long preparations hold the coordinator's two long slots (and a third waits for
+    one); a small job's preparation has its own path and starts at once."""
+    async with running_daemon(db_url, concurrency=10):
+        longs = [
+            await submit(conn, "synthetic", {"tasks": 100_000, "prepare_ms": 1}) for _ in range(3)
+        ]
+
+        async def preparing() -> bool:
+            n: int = await conn.fetchval(
+                "SELECT count(*) FROM herder.jobs WHERE id = ANY($1::bigint[]) "
+                "AND preparer IS NOT NULL",
+                longs,
+            )
+            return n == 3
+
+        await wait_for(preparing, what="three long preparations to be held")
+        small = await submit(conn, "synthetic", {"tasks": 10, "task_ms": 10})
+        seconds = await _seconds_to_settle(conn, small)
+        for job_id in longs:
+            await conn.execute("SELECT herder.cancel_job($1)", job_id)
+    assert seconds <= 2.0, seconds
