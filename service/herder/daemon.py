@@ -149,7 +149,8 @@ class Daemon:
                 started=started,
                 kinds=self.kinds,
             )
-            await retrying("register the daemon", self.maintenance.register)
+            # Not worth waiting for long: the sweep registers again every time it runs.
+            await retrying("register the daemon", self.maintenance.register, timeout=10)
             self._built = True
             async with anyio.create_task_group() as tg:
                 if handle_signals:

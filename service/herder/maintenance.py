@@ -62,6 +62,7 @@ class Maintenance:
         self.wake_all = wake_all
         self.started = started
         self.kinds = kinds
+        self._kinds_registered = False
         #: False while the last sweep could not reach the database.
         self.database_ok = True
         self._look_now = Wakeup()
@@ -112,11 +113,12 @@ class Maintenance:
 
     async def register(self, *, starting: bool = True) -> None:
         """This daemon's row in herder.daemons, renewed for a lease by every full sweep
-        (which runs several times per lease); at start, the rows of its kinds."""
-        if starting:
+        (which runs several times per lease); the first time, the rows of its kinds."""
+        if not self._kinds_registered:
             await self.store.register_kinds(
                 {name: kind.max_running for name in self.kinds if (kind := get_kind(name))}
             )
+            self._kinds_registered = True
         await self.store.register_daemon(
             self.name,
             socket.gethostname(),

@@ -318,8 +318,9 @@ class Worker:
         extra = claimed[kept:]
         try:
             await self.store.release_tasks((t.key for t in extra), self.name)
-        except TRANSIENT:
-            return claimed  # they run here, later: nothing is lost
+        except Exception as exc:  # they run here, later: nothing is lost
+            log.warning("could not hand back tasks beyond the budget", error=str(exc))
+            return claimed
         return claimed[:kept]
 
     async def _start_jobs(self, job_ids: list[int]) -> None:
