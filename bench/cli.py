@@ -78,6 +78,7 @@ def parse_args(argv: list[str] | None) -> Options:
     add("--skip-procrastinate", action="store_true")
     add("--skip-herder", action="store_true", help="only procrastinate")
     add("--only-history", action="store_true", help="herder's history phase alone")
+    add("--skip-sharing", action="store_true", help="skip the sharing phase")
     add(
         "--soak",
         type=int,
@@ -133,6 +134,7 @@ def parse_args(argv: list[str] | None) -> Options:
         skip_procrastinate=a.skip_procrastinate,
         skip_herder=a.skip_herder,
         only_history=a.only_history,
+        skip_sharing=a.skip_sharing,
         soak=a.soak if a.soak is not None else (3_000_000 if full else 0),
         soak_job_tasks=a.soak_job_tasks,
         daemons=a.daemons if a.daemons is not None else (3 if full else 0),
@@ -235,6 +237,11 @@ async def _run(opts: Options, server: Server, results: Results, console: Console
 
             results.history = await history.history(server, opts, progress)
 
+        async def sharing_phase() -> None:
+            from bench import sharing
+
+            results.sharing = await sharing.sharing(server, opts, progress)
+
         async def soak() -> None:
             results.soak = await herder_runs.soak(server, opts, progress)
             results.herder_rss_mb["soak"] = results.soak.daemon_peak_rss_mb
@@ -252,6 +259,8 @@ async def _run(opts: Options, server: Server, results: Results, console: Console
             await phase("herder scale-out", scale_out)
         if not opts.skip_herder and opts.soak:
             await phase("herder soak", soak)
+        if not opts.skip_herder and not opts.skip_sharing:
+            await phase("herder sharing", sharing_phase)
         if not opts.skip_herder and opts.history_tasks:
             await phase("herder history", history_phase)
 

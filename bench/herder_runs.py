@@ -55,8 +55,11 @@ class Daemons:
 
 
 @asynccontextmanager
-async def daemons(name: str, url: str, opts: Options, count: int = 1) -> AsyncIterator[Daemons]:
-    """``count`` herder daemons serving ``url``, each its own process, RSS watched."""
+async def daemons(
+    name: str, url: str, opts: Options, count: int = 1, apps: tuple[str, ...] = ()
+) -> AsyncIterator[Daemons]:
+    """``count`` herder daemons serving ``url`` (and the kinds of ``apps``), each its own
+    process, RSS watched."""
     workers: list[procs.Worker] = []
     try:
         for i in range(count):
@@ -75,6 +78,8 @@ async def daemons(name: str, url: str, opts: Options, count: int = 1) -> AsyncIt
             ]
             if opts.prefetch:
                 args += ["--prefetch", str(opts.prefetch)]
+            for app in apps:
+                args += ["--app", app]
             suffix = f"-{i}" if count > 1 else ""
             workers.append(await procs.start_worker(f"herder-{name}{suffix}", "herder", args))
         await anyio.sleep(0.3)  # let the listener connect before anything is submitted

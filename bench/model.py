@@ -137,6 +137,19 @@ class History:
 
 
 @dataclass
+class Sharing:
+    """Many users on one service: see bench/sharing.py."""
+
+    small_behind_big_s: float
+    small_behind_preparations_s: float
+    held_most: int = 0
+    urgent_s: float = 0.0
+    plain_sleep_s: float = 0.0
+    mixed_fleet_jobs: int = 0
+    mixed_fleet_failed: int = 0
+
+
+@dataclass
 class ScaleOut:
     """Tasks of ``task_ms`` through one daemon, then through ``daemons`` daemons."""
 

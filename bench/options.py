@@ -28,6 +28,7 @@ class Options:
     history_spread_tasks: int = 100_000
     history_many_jobs: int = 5_000
     only_history: bool = False
+    skip_sharing: bool = False
     full: bool = False
     timeout: float = 900.0
     log_level: str = "WARNING"

@@ -10,7 +10,16 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from bench.model import History, Latency, Prepare, Profile, ScaleOut, Soak, Throughput
+from bench.model import (
+    History,
+    Latency,
+    Prepare,
+    Profile,
+    ScaleOut,
+    Sharing,
+    Soak,
+    Throughput,
+)
 
 
 @dataclass
@@ -23,6 +32,7 @@ class Results:
     soak: Soak | None = None
     scale_out: ScaleOut | None = None
     history: History | None = None
+    sharing: Sharing | None = None
     procrastinate_throughput: Throughput | None = None
     procrastinate_latency: Latency | None = None
     procrastinate_rss_mb: float | None = None
@@ -82,6 +92,16 @@ class Results:
             add("single-task jobs after history vs empty", h.single_ratio, 0.9, True, "x")
             add("many small jobs vs one job", h.spread_settle_ratio, 0.7, True, "x")
             add("show a job", max(h.show_ms_big_job, h.show_ms_single_task_job), 10, False, "ms")
+        if self.sharing:
+            s = self.sharing
+            add("small job behind a big one", s.small_behind_big_s, 2.0, False, "s")
+            add(
+                "small job behind long preparations", s.small_behind_preparations_s, 2.0, False, "s"
+            )
+            add("100 ms tasks held at most", s.held_most, 150, False, "tasks")
+            add("urgent job behind held work", s.urgent_s, 1.5, False, "s")
+            add("20 plain sleep(0.5) tasks", s.plain_sleep_s, 1.5, False, "s")
+            add("mixed fleet: jobs failed", s.mixed_fleet_failed, 0, False, "jobs")
         return out
 
     def as_json(self) -> dict[str, Any]:
@@ -104,6 +124,7 @@ class Results:
                 "soak": soak,
                 "scale_out": scale,
                 "history": _history(self.history),
+                "sharing": _asdict(self.sharing),
                 "profiles": {k: asdict(v) for k, v in self.profiles.items()} or None,
             },
             "procrastinate": {
@@ -253,6 +274,48 @@ class Results:
                 "",
                 f"≤ 10 ms {mark('show a job')}",
             )
+        if self.sharing:
+            sh = self.sharing
+            for label, value, target, name in [
+                (
+                    "sharing: a 10-task job behind a 20,000-task job\n[dim]submit → done[/dim]",
+                    f"{sh.small_behind_big_s:.2f} s",
+                    "≤ 2 s",
+                    "small job behind a big one",
+                ),
+                (
+                    "sharing: the same behind three long preparations",
+                    f"{sh.small_behind_preparations_s:.2f} s",
+                    "≤ 2 s",
+                    "small job behind long preparations",
+                ),
+                (
+                    "sharing: 100 ms tasks held at most\n[dim]after 5,000 no-op tasks[/dim]",
+                    f"{sh.held_most}",
+                    "about 100",
+                    "100 ms tasks held at most",
+                ),
+                (
+                    "sharing: a priority-5 job of ten 100 ms tasks\n"
+                    "[dim]behind the held ones, submit → done[/dim]",
+                    f"{sh.urgent_s:.2f} s",
+                    "≤ 1.5 s",
+                    "urgent job behind held work",
+                ),
+                (
+                    "sharing: 20 plain time.sleep(0.5) tasks",
+                    f"{sh.plain_sleep_s:.2f} s",
+                    "≤ 1.5 s",
+                    "20 plain sleep(0.5) tasks",
+                ),
+                (
+                    "sharing: two daemons, different --app\n[dim]jobs failed of all[/dim]",
+                    f"{sh.mixed_fleet_failed} of {sh.mixed_fleet_jobs}",
+                    "none",
+                    "mixed fleet: jobs failed",
+                ),
+            ]:
+                table.add_row(label, value, "—", "", f"{target} {mark(name)}")
         return table
 
     def print(self, console: Console) -> None:

@@ -418,3 +418,29 @@ async def test_a_new_kind_after_a_run_of_no_ops_is_not_hoarded(
             await anyio.sleep(0.05)
         await conn.execute("SELECT herder.cancel_job($1)", job_id)
     assert most <= 150, most  # about 100 (a second per executor), never hundreds
+
+
+async def test_tasks_of_a_kind_that_slowed_down_are_handed_back_not_hoarded(
+    db_url: str, conn: db.Connection
+) -> None:
+    """The same kind, first instant, then 100 ms a task: the daemon claimed two batches
+    while the kind looked instant, and hands back what it cannot run within about a
+    second once it has measured the slower tasks."""
+    async with running_daemon(db_url, concurrency=10) as daemon:
+        await wait_finished(conn, await submit(conn, "synthetic", {"tasks": 5000}))
+        job_id = await submit(conn, "synthetic", {"tasks": 2000, "task_ms": 100})
+
+        async def claimed() -> bool:
+            return len(daemon.worker.held) > 150  # the claim made while it looked instant
+
+        async def handed_back() -> bool:
+            return len(daemon.worker.held) <= 150
+
+        await wait_for(claimed, what="the slow tasks to be claimed")
+        await wait_for(handed_back, timeout=2, what="the excess to be handed back")
+        most = 0
+        for _ in range(20):
+            most = max(most, len(daemon.worker.held))
+            await anyio.sleep(0.05)
+        await conn.execute("SELECT herder.cancel_job($1)", job_id)
+    assert most <= 150, most

@@ -13,7 +13,7 @@ import contextlib
 import heapq
 import itertools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import anyio
@@ -35,6 +35,8 @@ _JOB_STOPPED = "job stopped"
 _SHUTDOWN = "shutdown"
 #: Seconds of work per executor the daemon holds by default (see Worker.room).
 PREFETCH_HORIZON = 1.0
+#: Seconds between two recounts of the queued work (see Worker._rebalance).
+REBALANCE_EVERY = 0.25
 #: Weight of the newest handler time in its kind's moving average.
 TASK_SECONDS_WEIGHT = 0.2
 #: Seconds each shutdown write (outcomes, hand-back) is retried before the daemon exits.
@@ -61,6 +63,14 @@ class LocalQueue:
 
     def clear(self) -> None:
         self._heap.clear()
+
+    def take_last(self, keep: Callable[[list[ClaimedTask]], int]) -> list[ClaimedTask]:
+        """Remove and return the tasks that would run last, past the first ``keep(tasks in
+        running order)`` of them."""
+        entries = sorted(self._heap)
+        kept = keep([entry[2] for entry in entries])
+        self._heap = entries[:kept]  # a sorted list is a heap
+        return [entry[2] for entry in entries[kept:]]
 
     def __len__(self) -> int:
         return len(self._heap)
@@ -112,6 +122,7 @@ class Worker:
         #: each counted as its kind's time when it was claimed, and its total.
         self._work_of: dict[tuple[int, int], float] = {}
         self._work_seconds = 0.0
+        self._next_rebalance = 0.0
         self.claim_batch = claim_batch
         self.completer = Completer(
             store,
@@ -266,6 +277,7 @@ class Worker:
         if self._claim_in_doubt:
             await self._hand_back_orphans()
         while self._claiming:
+            await self._rebalance()
             # Room is measured in work not yet done: waiting on the completer's write
             # too would idle the executors once per batch.
             room, least = self.room()
@@ -299,6 +311,46 @@ class Worker:
                 self._work.set()
             if len(claimed) < asked:
                 await self.wakeup.wait(self._idle_wait())
+
+    async def _rebalance(self) -> None:
+        """Hand back queued tasks that turned out to be more work than the budget. A kind's
+        times can change (a job of 100 ms tasks after a run of no-op tasks of the same
+        kind): tasks claimed while it looked instant are counted again, at most every
+        REBALANCE_EVERY seconds, at what the kind now takes, and the excess goes back for
+        an idle daemon, or a later claim, to take."""
+        if self._fixed_prefetch or time.monotonic() < self._next_rebalance:
+            return
+        self._next_rebalance = time.monotonic() + REBALANCE_EVERY
+        for task in self._queue:
+            cost = self.task_seconds(task.kind)
+            self._work_seconds += cost - self._work_of.get(task.key, cost)
+            self._work_of[task.key] = cost
+        budget = self.concurrency * PREFETCH_HORIZON
+        if self._work_seconds <= 1.5 * budget:
+            return
+        free = budget - (self._work_seconds - sum(self._work_of[t.key] for t in self._queue))
+
+        def within_budget(queued: list[ClaimedTask]) -> int:
+            work = 0.0
+            for kept, task in enumerate(queued):
+                work += self._work_of[task.key]
+                if work > free:
+                    return kept
+            return len(queued)
+
+        extra = self._queue.take_last(within_budget)
+        if not extra:
+            return
+        try:
+            await self.store.release_tasks((t.key for t in extra), self.name)
+        except Exception as exc:  # they stay, and run here later
+            log.warning("could not hand back tasks beyond the budget", error=str(exc))
+            self._queue.add(extra)
+            return
+        for task in extra:
+            self._held.pop(task.key, None)
+            self._work_seconds -= self._work_of.pop(task.key, 0.0)
+        self._capacity.set()
 
     async def _trim(self, claimed: list[ClaimedTask]) -> list[ClaimedTask]:
         """Hand back at once what a claim brought beyond the work budget. A claim is sized
