@@ -1,6 +1,7 @@
 """Model-based test: random sequences of submissions, preparations, claims, outcomes,
-crashes, stale workers and controls against a real database, with the state machine's
-invariants checked from the database after every step.
+crashes, stale workers, controls, the kinds a daemon serves and fleet-wide limits against a
+real database, with the state machine's invariants checked from the database after every
+step.
 
 The test plays the daemon itself, one store call per step, so Hypothesis controls every
 interleaving the real daemons could produce between two statements.
@@ -27,6 +28,9 @@ T = TypeVar("T")
 WORKER = "model-worker"
 OUTCOMES = ("SUCCESS", "WARNING", "FAILURE", "CANCELED", "PENDING")
 CONTROLS = ("cancel", "resume", "retry", "restart", "verify")
+KINDS = ("synthetic", "other")
+#: The kinds a daemon may serve: claims must never bring another's.
+SERVED = (["synthetic"], ["other"], ["synthetic", "other"])
 
 
 @dataclass
@@ -56,7 +60,7 @@ class HerderModel(RuleBasedStateMachine):
         self.run(
             self.store.pool.execute(
                 "TRUNCATE herder.jobs, herder.tasks, herder.finish_hooks, herder.job_counts, "
-                "herder.job_count_deltas"
+                "herder.job_count_deltas, herder.kinds"
             )
         )
         self.held: dict[int, ClaimedTask] = {}
@@ -66,22 +70,38 @@ class HerderModel(RuleBasedStateMachine):
 
     # ------------------------------------------------------------ the world
 
-    @rule(tasks=st.integers(0, 4), unverified=st.booleans(), priority=st.integers(0, 2))
-    def submit(self, tasks: int, unverified: bool, priority: int) -> None:
+    @rule(
+        tasks=st.integers(0, 4),
+        unverified=st.booleans(),
+        priority=st.integers(0, 2),
+        kind=st.sampled_from(KINDS),
+    )
+    def submit(self, tasks: int, unverified: bool, priority: int, kind: str) -> None:
         self.run(
-            self.store.submit(
-                "synthetic", {"tasks": tasks}, priority=priority, unverified=unverified
+            self.store.submit(kind, {"tasks": tasks}, priority=priority, unverified=unverified)
+        )
+
+    @rule(kind=st.sampled_from(KINDS), limit=st.sampled_from([None, 0, 1, 2]))
+    def set_limit(self, kind: str, limit: int | None) -> None:
+        """An operator sets (or lifts) a kind's fleet-wide limit."""
+        self.run(
+            self.store.pool.execute(
+                "INSERT INTO herder.kinds (name, max_running) VALUES ($1, $2) "
+                "ON CONFLICT (name) DO UPDATE SET max_running = excluded.max_running",
+                kind,
+                limit,
             )
         )
 
-    @rule(split=st.booleans())
-    def prepare(self, split: bool) -> None:
-        """Claim a PREPARING job; write all its tasks, or only the first ones (a
-        coordinator that will die before finishing)."""
-        claimed = self.run(self.store.claim_preparations(WORKER, 30))
+    @rule(split=st.booleans(), served=st.sampled_from(SERVED))
+    def prepare(self, split: bool, served: list[str]) -> None:
+        """Claim a PREPARING job of a kind this daemon serves; write all its tasks, or
+        only the first ones (a coordinator that will die before finishing)."""
+        claimed = self.run(self.store.claim_preparations(WORKER, 30, 1, served))
         if not claimed:
             return
         [job] = claimed
+        assert job.kind in served, (job.kind, served)
         if job.stale_tasks:
             self.run(self.store.discard_stale_tasks(job.id, batch=2))
         total = job.payload["tasks"]
@@ -109,9 +129,28 @@ class HerderModel(RuleBasedStateMachine):
             )
         )
 
-    @rule(limit=st.integers(1, 5))
-    def claim(self, limit: int) -> None:
-        for task in self.run(self.store.claim_tasks(limit, WORKER, 30)):
+    @rule(limit=st.integers(1, 5), served=st.sampled_from(SERVED))
+    def claim(self, limit: int, served: list[str]) -> None:
+        """A claim brings tasks of the served kinds only, and never takes a limited kind
+        past its limit (what runs already, prefetched tasks included, counts)."""
+        room = {
+            r["name"]: r["room"]
+            for r in self.run(
+                self.store.pool.fetch(
+                    "SELECT k.name, k.max_running - (SELECT count(*) FROM herder.tasks t "
+                    "JOIN herder.jobs j ON j.id = t.job_id WHERE t.status = 'IN_PROGRESS' "
+                    "AND j.kind = k.name) AS room FROM herder.kinds k "
+                    "WHERE k.max_running IS NOT NULL"
+                )
+            )
+        }
+        claimed = self.run(self.store.claim_tasks(limit, WORKER, 30, served))
+        for kind in KINDS:
+            taken = sum(1 for t in claimed if t.kind == kind)
+            assert kind in served or taken == 0, (kind, served)
+            if kind in room:
+                assert taken <= max(0, room[kind]), (kind, taken, room[kind])
+        for task in claimed:
             assert task.id not in self.held
             self.held[task.id] = task
         starting = sorted({t.job_id for t in self.held.values() if t.job_status == "PENDING"})
