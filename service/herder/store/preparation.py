@@ -117,16 +117,9 @@ class PreparationStatements:
         and move ``jobs.prepared`` from ``prepared_before`` to ``prepared_after``, renewing
         the lease. False, writing nothing, when this preparation no longer holds the job
         (canceled, restarted, taken over) or ``prepared`` is not ``prepared_before``."""
-        return await self._fenced_write(
-            conn,
-            "write_batch",
-            job,
-            preparer,
-            rows,
-            prepared_before,
-            prepared_after,
-            lease_seconds=lease,
-        )
+        batch = _batch_arguments(job, preparer, rows, prepared_before, prepared_after)
+        written = await conn.fetchval(*Q.bind("write_batch", **batch, lease_seconds=lease))
+        return written is not None
 
     async def write_last_batch(
         self,
@@ -141,40 +134,9 @@ class PreparationStatements:
     ) -> bool:
         """write_batch for the last batch: it also commits the job PENDING, its tasks
         allowed ``max_attempts`` each."""
-        return await self._fenced_write(
-            conn,
-            "write_last_batch",
-            job,
-            preparer,
-            rows,
-            prepared_before,
-            prepared_after,
-            max_attempts=max_attempts,
-        )
-
-    async def _fenced_write(
-        self,
-        conn: PoolConnection,
-        query: str,
-        job: PreparationClaim,
-        preparer: str,
-        rows: Sequence[tuple[int, int, Any]],
-        prepared_before: int,
-        prepared_after: int,
-        **own: Any,
-    ) -> bool:
+        batch = _batch_arguments(job, preparer, rows, prepared_before, prepared_after)
         written = await conn.fetchval(
-            *Q.bind(
-                query,
-                job_id=job.id,
-                generation=job.generation,
-                preparer=preparer,
-                seqs=[r[1] for r in rows],
-                payloads=[r[2] for r in rows],
-                prepared_before=prepared_before,
-                prepared_after=prepared_after,
-                **own,
-            )
+            *Q.bind("write_last_batch", **batch, max_attempts=max_attempts)
         )
         return written is not None
 
@@ -274,3 +236,22 @@ class PreparationStatements:
             *Q.bind("preparations_lost", job_ids=ids, generations=generations, preparer=preparer)
         )
         return {(r["id"], r["generation"]) for r in rows}
+
+
+def _batch_arguments(
+    job: PreparationClaim,
+    preparer: str,
+    rows: Sequence[tuple[int, int, Any]],
+    prepared_before: int,
+    prepared_after: int,
+) -> dict[str, Any]:
+    """What write_batch and write_last_batch both take."""
+    return {
+        "job_id": job.id,
+        "generation": job.generation,
+        "preparer": preparer,
+        "seqs": [r[1] for r in rows],
+        "payloads": [r[2] for r in rows],
+        "prepared_before": prepared_before,
+        "prepared_after": prepared_after,
+    }
