@@ -350,6 +350,10 @@ class Worker:
         for task in extra:
             self._held.pop(task.key, None)
             self._work_seconds -= self._work_of.pop(task.key, 0.0)
+        # The next claim is likely to bring these back: size it at what they now take.
+        self._next_task_seconds = max(
+            self._next_task_seconds, *(self.task_seconds(t.kind) for t in extra)
+        )
         self._capacity.set()
 
     async def _trim(self, claimed: list[ClaimedTask]) -> list[ClaimedTask]:
