@@ -56,7 +56,12 @@ class Daemons:
 
 @asynccontextmanager
 async def daemons(
-    name: str, url: str, opts: Options, count: int = 1, apps: tuple[str, ...] = ()
+    name: str,
+    url: str,
+    opts: Options,
+    count: int = 1,
+    apps: tuple[str, ...] = (),
+    extra: tuple[str, ...] = (),
 ) -> AsyncIterator[Daemons]:
     """``count`` herder daemons serving ``url`` (and the kinds of ``apps``), each its own
     process, RSS watched."""
@@ -80,6 +85,7 @@ async def daemons(
                 args += ["--prefetch", str(opts.prefetch)]
             for app in apps:
                 args += ["--app", app]
+            args += extra
             suffix = f"-{i}" if count > 1 else ""
             workers.append(await procs.start_worker(f"herder-{name}{suffix}", "herder", args))
         await anyio.sleep(0.3)  # let the listener connect before anything is submitted

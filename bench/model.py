@@ -147,6 +147,13 @@ class Sharing:
     plain_sleep_s: float = 0.0
     mixed_fleet_jobs: int = 0
     mixed_fleet_failed: int = 0
+    # one job of no-op tasks, tasks/s, fair sharing on and off (back to back)
+    fair_rate: float = 0.0
+    unfair_rate: float = 0.0
+
+    @property
+    def fairness_cost_ratio(self) -> float:
+        return self.fair_rate / self.unfair_rate if self.unfair_rate else float("nan")
 
 
 @dataclass

@@ -102,6 +102,7 @@ class Results:
             add("urgent job behind held work", s.urgent_s, 1.5, False, "s")
             add("20 plain sleep(0.5) tasks", s.plain_sleep_s, 1.5, False, "s")
             add("mixed fleet: jobs failed", s.mixed_fleet_failed, 0, False, "jobs")
+            add("no-op throughput, fair sharing on vs off", s.fairness_cost_ratio, 0.9, True, "x")
         return out
 
     def as_json(self) -> dict[str, Any]:
@@ -313,6 +314,13 @@ class Results:
                     f"{sh.mixed_fleet_failed} of {sh.mixed_fleet_jobs}",
                     "none",
                     "mixed fleet: jobs failed",
+                ),
+                (
+                    "sharing: no-op throughput, fair sharing on\n[dim]vs off, back to back[/dim]",
+                    f"{sh.fair_rate:,.0f} vs {sh.unfair_rate:,.0f}/s\n"
+                    f"[dim]{sh.fairness_cost_ratio:.2f}×[/dim]",
+                    "≥ 0.9×",
+                    "no-op throughput, fair sharing on vs off",
                 ),
             ]:
                 table.add_row(label, value, "—", "", f"{target} {mark(name)}")

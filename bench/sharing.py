@@ -8,7 +8,9 @@ with its own daemons (herder run processes, concurrency as configured):
   instant is handed back by then), and a priority-5 job of ten 100 ms tasks submitted
   behind it: seconds to done;
 - 20 plain `time.sleep(0.5)` tasks (a plain Python handler): seconds to done;
-- two daemons with different --app modules and jobs of both kinds: how many jobs failed.
+- two daemons with different --app modules and jobs of both kinds: how many jobs failed;
+- what fairness costs: one job of no-op tasks with fair sharing on, then off
+  (`--no-fair-sharing`), back to back.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ async def sharing(server: Server, opts: Options, progress: Progress) -> Sharing:
     result.plain_sleep_s = await _plain_sleep(server, opts)
     progress.update(bar, completed=4)
     result.mixed_fleet_jobs, result.mixed_fleet_failed = await _mixed_fleet(server, opts)
+    result.fair_rate = await _noop_rate(server, opts, fair=True)
+    result.unfair_rate = await _noop_rate(server, opts, fair=False)
     progress.update(bar, completed=5)
     return result
 
@@ -168,6 +172,24 @@ async def _plain_sleep(server: Server, opts: Options) -> float:
             for job_id in ids:
                 await _seconds_to_done(conn, job_id)
             return time.monotonic() - started
+    finally:
+        await conn.close()
+
+
+async def _noop_rate(server: Server, opts: Options, *, fair: bool) -> float:
+    """Tasks per second of one job of ``opts.tasks`` no-op tasks, first start to last end."""
+    url, conn = await _fresh(server, "herder_bench_fairness_cost")
+    try:
+        extra = () if fair else ("--no-fair-sharing",)
+        async with daemons("fairness-cost", url, opts, extra=extra):
+            job_id = await _insert(conn, "synthetic", {"tasks": opts.tasks})
+            await _seconds_to_done(conn, job_id, timeout=opts.timeout)
+            rate: float = await conn.fetchval(
+                "SELECT j.prepared / extract(epoch FROM j.ended_at - j.started_at)::float8 "
+                "FROM herder.jobs j WHERE j.id = $1",
+                job_id,
+            )
+            return rate
     finally:
         await conn.close()
 

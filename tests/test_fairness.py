@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from herder import db
+from herder.store import Store
 from tests.support import running_daemon, submit, wait_finished, wait_for
 
 
@@ -138,3 +139,26 @@ async def test_a_small_job_is_prepared_and_done_behind_three_long_preparations(
         for job_id in longs:
             await conn.execute("SELECT herder.cancel_job($1)", job_id)
     assert seconds <= 2.0, seconds
+
+
+async def test_claims_share_jobs_only_with_fair_sharing_on(
+    conn: db.Connection, store: Store
+) -> None:
+    """`herder run --no-fair-sharing` (for measuring what fairness costs) claims strictly
+    in job order; by default a claim shares its batch across the jobs."""
+    jobs = []
+    for owner in ("alice", "bob"):
+        job_id: int = await conn.fetchval(
+            "INSERT INTO herder.jobs (kind, owner, status, prepared) "
+            "VALUES ('synthetic', $1, 'PENDING', 20) RETURNING id",
+            owner,
+        )
+        await conn.execute(
+            "INSERT INTO herder.tasks (job_id, seq) SELECT $1, i FROM generate_series(0, 19) i",
+            job_id,
+        )
+        jobs.append(job_id)
+    strict = await store.claim_tasks(10, "w", 30, fair=False)
+    assert {t.job_id for t in strict} == {jobs[0]}
+    shared = await store.claim_tasks(10, "w", 30)
+    assert sorted(t.job_id for t in shared) == [jobs[0]] * 5 + [jobs[1]] * 5

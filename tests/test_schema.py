@@ -293,7 +293,7 @@ _ENGINE_CORE_TASK_INDEXES = """
 # Before fair sharing and routing by kind: a claim of three arguments, jobs walked by
 # priority and id.
 _BEFORE_FAIR_CLAIM = """
-    DROP FUNCTION herder.claim_tasks(int, text, float8, text[]);
+    DROP FUNCTION herder.claim_tasks(int, text, float8, text[], boolean);
     CREATE FUNCTION herder.claim_tasks(batch int, worker_name text, lease_seconds float8)
     RETURNS TABLE (id bigint, job_id bigint, seq int, payload jsonb, attempts int,
                    attempts_base int, kind text, job_status text, priority int)

@@ -43,6 +43,8 @@ class DaemonConfig:
     shutdown_timeout: float = 30.0
     listen: bool = True
     prefetch: int | None = None
+    #: Off only to measure what fair sharing costs (see herder.claim_tasks).
+    fair_sharing: bool = True
     name: str | None = None
     #: Finished jobs older than this are pruned (seconds; 0 keeps everything).
     retention_seconds: float = 30 * 86400.0
@@ -123,6 +125,7 @@ class Daemon:
                 poll_interval=cfg.poll_interval,
                 prefetch=cfg.prefetch,
                 kinds=self.kinds,
+                fair=cfg.fair_sharing,
             )
             self.coordinator = Coordinator(
                 self.store,

@@ -103,10 +103,13 @@ class Worker:
         complete_batch: int = 1000,
         flush_seconds: float = 0.002,
         kinds: list[str] | None = None,
+        fair: bool = True,
     ) -> None:
-        """``kinds``: the kinds this daemon serves (None: any)."""
+        """``kinds``: the kinds this daemon serves (None: any); ``fair``: claims share
+        capacity across owners and jobs (see herder.claim_tasks)."""
         self.store = store
         self.kinds = kinds
+        self.fair = fair
         self.name = name
         self.metrics = metrics
         self.concurrency = concurrency
@@ -286,7 +289,9 @@ class Worker:
                 continue
             asked = min(room, self.claim_batch)
             self._claim_in_doubt = True
-            claimed = await self.store.claim_tasks(asked, self.name, self.lease, self.kinds)
+            claimed = await self.store.claim_tasks(
+                asked, self.name, self.lease, self.kinds, fair=self.fair
+            )
             self._claim_in_doubt = False
             if not self._claiming:
                 # Shutdown began while the claim was in flight: these never ran.

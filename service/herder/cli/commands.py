@@ -205,6 +205,7 @@ async def cmd_run(args: argparse.Namespace, url: str) -> int:
             poll_interval=args.poll_interval,
             shutdown_timeout=args.shutdown_timeout,
             listen=not args.no_listen,
+            fair_sharing=not args.no_fair_sharing,
             prefetch=args.prefetch,
             name=args.name,
             retention_seconds=args.retention,

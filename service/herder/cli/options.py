@@ -331,6 +331,11 @@ def _add_run_options(parser: argparse.ArgumentParser, env: Mapping[str, str]) ->
     )
     opt("--no-listen", action="store_true", help="poll only (behind a transaction pooler)")
     opt(
+        "--no-fair-sharing",
+        action="store_true",
+        help="claim jobs strictly in priority and job order (to measure what fairness costs)",
+    )
+    opt(
         "--prefetch",
         type=_positive_int,
         default=None,

@@ -198,7 +198,7 @@ WHERE NOT EXISTS (
 -- name: claim_tasks
 -- See herder.claim_tasks in schema.sql: one round trip, planner settings attached.
 SELECT id, job_id, seq, payload, attempts, attempts_base, kind, job_status, priority
-FROM herder.claim_tasks(:batch, :worker, :lease_seconds, :kinds::text[]);
+FROM herder.claim_tasks(:batch, :worker, :lease_seconds, :kinds::text[], :fair);
 
 -- name: start_jobs
 -- PENDING -> IN_PROGRESS once a task of the job has started. Locks in id order so two

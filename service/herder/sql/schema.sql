@@ -383,7 +383,7 @@ CROSS JOIN LATERAL herder.task_counts(j.id) c;
 -- where an ordered index scan stops at the LIMIT; and it would join the picked tasks back
 -- to the table by hashing a scan of all of it instead of looking each up by primary key.
 CREATE OR REPLACE FUNCTION herder.claim_fair(batch int, worker_name text, lease_seconds float8,
-                                             kinds text[], excluded text[])
+                                             kinds text[], excluded text[], fair boolean)
 RETURNS TABLE (id bigint, job_id bigint, seq int, payload jsonb, attempts int,
                attempts_base int, kind text, job_status text, priority int)
 LANGUAGE plpgsql VOLATILE
@@ -413,75 +413,79 @@ BEGIN
         )
         SELECT l.p FROM levels l WHERE l.p IS NOT NULL
     LOOP
-        -- The shares: owners of this level, and each owner's first jobs with due tasks.
-        RETURN QUERY
-        WITH RECURSIVE owners(o) AS (
-            (SELECT j.owner FROM herder.jobs j
-             WHERE j.status IN ('PENDING', 'IN_PROGRESS') AND j.priority = level
-             ORDER BY j.priority DESC, j.owner LIMIT 1)
-            UNION ALL
-            SELECT (SELECT j.owner FROM herder.jobs j
-                    WHERE j.status IN ('PENDING', 'IN_PROGRESS') AND j.priority = level
-                      AND j.owner > w.o
-                    ORDER BY j.priority DESC, j.owner LIMIT 1)
-            FROM owners w WHERE w.o IS NOT NULL
-        ), served AS (
-            SELECT w.o, s.id AS jid, s.kind, s.status
-            FROM (SELECT w.o FROM owners w WHERE w.o IS NOT NULL LIMIT max_owners) w
-            CROSS JOIN LATERAL (
-                SELECT j.id, j.kind, j.status FROM herder.jobs j
-                WHERE j.status IN ('PENDING', 'IN_PROGRESS') AND j.priority = level
-                  AND j.owner = w.o AND (kinds IS NULL OR j.kind = ANY (kinds))
-                  AND NOT (j.kind = ANY (coalesce(excluded, '{}')))
-                  AND EXISTS (SELECT 1 FROM herder.tasks p
-                              WHERE p.job_id = j.id AND p.status = 'PENDING'
-                                AND (p.run_at IS NULL OR p.run_at <= clock_timestamp()))
-                ORDER BY j.priority DESC, j.owner, j.id
-                LIMIT max_jobs
-            ) s
-        ), counted AS (
-            -- How many jobs took part, for the fill below: a statement cannot hand a
-            -- number back beside its rows, so it goes through a transaction setting.
-            SELECT set_config('herder.claim_jobs', count(*)::text, true) AS jobs FROM served
-        ), shares AS (
-            SELECT s.*,
-                   ceil(ceil(wanted::numeric / (SELECT count(DISTINCT o) FROM served))
-                        / count(*) OVER (PARTITION BY s.o))::int AS share
-            FROM served s
-        ), claimed AS (
-            UPDATE herder.tasks t
-            SET status = 'IN_PROGRESS', attempts = t.attempts + 1,
-                started_at = clock_timestamp(), ended_at = NULL, worker = worker_name,
-                lease_until = clock_timestamp() + make_interval(secs => lease_seconds)
-            FROM (
-                SELECT c.id, c.seq, s.kind, s.status, s.jid
-                FROM shares s
+        -- Without fairness (`herder run --no-fair-sharing`, for measuring what it costs)
+        -- only the fill below runs: this level's jobs in order.
+        IF fair THEN
+            -- The shares: owners of this level, and each owner's first jobs with due tasks.
+            RETURN QUERY
+            WITH RECURSIVE owners(o) AS (
+                (SELECT j.owner FROM herder.jobs j
+                 WHERE j.status IN ('PENDING', 'IN_PROGRESS') AND j.priority = level
+                 ORDER BY j.priority DESC, j.owner LIMIT 1)
+                UNION ALL
+                SELECT (SELECT j.owner FROM herder.jobs j
+                        WHERE j.status IN ('PENDING', 'IN_PROGRESS') AND j.priority = level
+                          AND j.owner > w.o
+                        ORDER BY j.priority DESC, j.owner LIMIT 1)
+                FROM owners w WHERE w.o IS NOT NULL
+            ), served AS (
+                SELECT w.o, s.id AS jid, s.kind, s.status
+                FROM (SELECT w.o FROM owners w WHERE w.o IS NOT NULL LIMIT max_owners) w
                 CROSS JOIN LATERAL (
-                    SELECT p.id, p.seq FROM herder.tasks p
-                    WHERE p.job_id = s.jid AND p.status = 'PENDING'
-                      AND (p.run_at IS NULL OR p.run_at <= clock_timestamp())
-                    ORDER BY p.seq
-                    LIMIT s.share
-                    FOR UPDATE SKIP LOCKED
-                ) c
-                LIMIT wanted
-            ) pick
-            WHERE t.id = pick.id
-            RETURNING t.id, t.job_id, t.seq, t.payload, t.attempts, t.attempts_base,
-                      pick.kind, pick.status
-        )
-        SELECT c.id, c.job_id, c.seq, c.payload, c.attempts, c.attempts_base, c.kind,
-               c.status, level
-        FROM claimed c CROSS JOIN counted
-        ORDER BY row_number() OVER (PARTITION BY c.job_id ORDER BY c.seq), c.job_id;
-        GET DIAGNOSTICS got = ROW_COUNT;
-        wanted := wanted - got;
-        EXIT WHEN wanted <= 0;
-        -- What the shares left: this level's jobs in order (tasks claimed above are
-        -- IN_PROGRESS now, and skipped). A lone job had the whole batch for its share:
-        -- nothing is left to fill at this level (the common case of an idle daemon). (Only
-        -- when it gave a task is the setting surely this statement's.)
-        CONTINUE WHEN got > 0 AND current_setting('herder.claim_jobs', true) = '1';
+                    SELECT j.id, j.kind, j.status FROM herder.jobs j
+                    WHERE j.status IN ('PENDING', 'IN_PROGRESS') AND j.priority = level
+                      AND j.owner = w.o AND (kinds IS NULL OR j.kind = ANY (kinds))
+                      AND NOT (j.kind = ANY (coalesce(excluded, '{}')))
+                      AND EXISTS (SELECT 1 FROM herder.tasks p
+                                  WHERE p.job_id = j.id AND p.status = 'PENDING'
+                                    AND (p.run_at IS NULL OR p.run_at <= clock_timestamp()))
+                    ORDER BY j.priority DESC, j.owner, j.id
+                    LIMIT max_jobs
+                ) s
+            ), counted AS (
+                -- How many jobs took part, for the fill below: a statement cannot hand a
+                -- number back beside its rows, so it goes through a transaction setting.
+                SELECT set_config('herder.claim_jobs', count(*)::text, true) AS jobs FROM served
+            ), shares AS (
+                SELECT s.*,
+                       ceil(ceil(wanted::numeric / (SELECT count(DISTINCT o) FROM served))
+                            / count(*) OVER (PARTITION BY s.o))::int AS share
+                FROM served s
+            ), claimed AS (
+                UPDATE herder.tasks t
+                SET status = 'IN_PROGRESS', attempts = t.attempts + 1,
+                    started_at = clock_timestamp(), ended_at = NULL, worker = worker_name,
+                    lease_until = clock_timestamp() + make_interval(secs => lease_seconds)
+                FROM (
+                    SELECT c.id, c.seq, s.kind, s.status, s.jid
+                    FROM shares s
+                    CROSS JOIN LATERAL (
+                        SELECT p.id, p.seq FROM herder.tasks p
+                        WHERE p.job_id = s.jid AND p.status = 'PENDING'
+                          AND (p.run_at IS NULL OR p.run_at <= clock_timestamp())
+                        ORDER BY p.seq
+                        LIMIT s.share
+                        FOR UPDATE SKIP LOCKED
+                    ) c
+                    LIMIT wanted
+                ) pick
+                WHERE t.id = pick.id
+                RETURNING t.id, t.job_id, t.seq, t.payload, t.attempts, t.attempts_base,
+                          pick.kind, pick.status
+            )
+            SELECT c.id, c.job_id, c.seq, c.payload, c.attempts, c.attempts_base, c.kind,
+                   c.status, level
+            FROM claimed c CROSS JOIN counted
+            ORDER BY row_number() OVER (PARTITION BY c.job_id ORDER BY c.seq), c.job_id;
+            GET DIAGNOSTICS got = ROW_COUNT;
+            wanted := wanted - got;
+            EXIT WHEN wanted <= 0;
+            -- What the shares left: this level's jobs in order (tasks claimed above are
+            -- IN_PROGRESS now, and skipped). A lone job had the whole batch for its share:
+            -- nothing is left to fill at this level (the common case of an idle daemon). (Only
+            -- when it gave a task is the setting surely this statement's.)
+            CONTINUE WHEN got > 0 AND current_setting('herder.claim_jobs', true) = '1';
+        END IF;
         RETURN QUERY
         WITH claimed AS (
             UPDATE herder.tasks t
@@ -535,7 +539,8 @@ CREATE TABLE IF NOT EXISTS herder.kinds (
 -- both take the last place. Limited kinds are claimed first, then the rest; the worker's
 -- local queue orders what it holds by priority.
 CREATE OR REPLACE FUNCTION herder.claim_tasks(batch int, worker_name text, lease_seconds float8,
-                                              kinds text[] DEFAULT NULL)
+                                              kinds text[] DEFAULT NULL,
+                                              fair boolean DEFAULT true)
 RETURNS TABLE (id bigint, job_id bigint, seq int, payload jsonb, attempts int,
                attempts_base int, kind text, job_status text, priority int)
 LANGUAGE plpgsql VOLATILE
@@ -555,7 +560,8 @@ BEGIN
     SELECT coalesce(array_agg(k.name), '{}') INTO all_limited
     FROM herder.kinds k WHERE k.max_running IS NOT NULL;
     IF all_limited = '{}' THEN  -- the common case: one statement less
-        RETURN QUERY SELECT * FROM herder.claim_fair(batch, worker_name, lease_seconds, kinds, NULL);
+        RETURN QUERY SELECT * FROM herder.claim_fair(
+            batch, worker_name, lease_seconds, kinds, NULL, fair);
         RETURN;
     END IF;
     FOR limited IN
@@ -570,14 +576,15 @@ BEGIN
         WHERE t.status = 'IN_PROGRESS' AND j.kind = limited.name;
         IF free > 0 THEN
             RETURN QUERY SELECT * FROM herder.claim_fair(
-                least(free, wanted)::int, worker_name, lease_seconds, ARRAY[limited.name], NULL);
+                least(free, wanted)::int, worker_name, lease_seconds, ARRAY[limited.name], NULL,
+                fair);
             GET DIAGNOSTICS got = ROW_COUNT;
             wanted := wanted - got;
         END IF;
     END LOOP;
     IF wanted > 0 THEN
         RETURN QUERY SELECT * FROM herder.claim_fair(
-            wanted, worker_name, lease_seconds, kinds, all_limited);
+            wanted, worker_name, lease_seconds, kinds, all_limited, fair);
     END IF;
 END;
 $$;

@@ -71,12 +71,25 @@ class TaskStatements:
     pool: Pool
 
     async def claim_tasks(
-        self, limit: int, worker: str, lease: float, kinds: list[str] | None = None
+        self,
+        limit: int,
+        worker: str,
+        lease: float,
+        kinds: list[str] | None = None,
+        *,
+        fair: bool = True,
     ) -> list[ClaimedTask]:
-        """Up to ``limit`` tasks of ``kinds`` (None: any), shared fairly (see
-        herder.claim_tasks in schema.sql)."""
+        """Up to ``limit`` tasks of ``kinds`` (None: any), shared fairly unless ``fair``
+        is False (see herder.claim_tasks in schema.sql)."""
         rows = await self.pool.fetch(
-            *Q.bind("claim_tasks", batch=limit, worker=worker, lease_seconds=lease, kinds=kinds)
+            *Q.bind(
+                "claim_tasks",
+                batch=limit,
+                worker=worker,
+                lease_seconds=lease,
+                kinds=kinds,
+                fair=fair,
+            )
         )
         return [
             ClaimedTask(
