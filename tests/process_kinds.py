@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import herder
@@ -44,3 +45,22 @@ def crash(task: herder.TaskContext) -> herder.JSON:
     except RuntimeError as exc:
         return {"attempt": task.attempt, "pool": str(exc)}
     return {"attempt": task.attempt}
+
+
+whole = herder.Kind("test-all-in-process", executor="process")
+
+
+@whole.prepare
+def prepare_in_process(job: herder.JobContext) -> Iterator[herder.JSON]:
+    for i in range(job.payload["tasks"]):
+        yield {"i": i, "pid": os.getpid()}
+
+
+@whole.process
+def process_in_process(task: herder.TaskContext) -> herder.JSON:
+    return {"pid": os.getpid()}
+
+
+@whole.on_finished
+def finished_in_process(job: herder.FinishedJob) -> None:
+    Path(job.payload["hook_file"]).write_text(f"{job.status} {os.getpid()}")

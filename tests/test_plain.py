@@ -218,3 +218,28 @@ async def test_a_process_that_dies_fails_only_its_task_which_runs_again(
     assert "no database pool" in task["result"]["pool"]
     [untouched] = await tasks_of(conn, other)
     assert untouched["attempts"] == 1
+
+
+async def test_a_process_kind_prepares_and_hooks_in_worker_processes_too(
+    db_url: str, conn: db.Connection, tmp_path: Path
+) -> None:
+    hook_file = tmp_path / "hook"
+    async with running_daemon(db_url, apps=PROCESS_KINDS):
+        job_id = await conn.fetchval(
+            "INSERT INTO herder.jobs (kind, payload) VALUES ('test-all-in-process', $1) "
+            "RETURNING id",
+            {"tasks": 2500, "hook_file": str(hook_file)},
+        )
+        job = await wait_finished(conn, job_id)
+
+        async def hooked() -> bool:
+            return hook_file.exists()
+
+        await wait_for(hooked, what="on_finished")
+    assert job["status"] == "SUCCESS"
+    tasks = await tasks_of(conn, job_id)
+    assert [t["payload"]["i"] for t in tasks] == list(range(2500))
+    pids = {t["payload"]["pid"] for t in tasks} | {t["result"]["pid"] for t in tasks}
+    status, hook_pid = hook_file.read_text().split()
+    assert status == "SUCCESS"
+    assert os.getpid() not in pids | {int(hook_pid)}

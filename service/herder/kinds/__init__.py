@@ -204,15 +204,15 @@ class Kind:
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.prepare_resumes = prepare_resumes
-        #: Where a plain ``process`` runs: worker threads, or worker processes
+        #: Where plain handlers run: worker threads, or worker processes
         #: (herder.kinds.processes) for CPU-bound code.
         self.executor = executor
         #: Tasks of this kind IN_PROGRESS at once across the fleet, at most: the first
         #: value of its herder.kinds row (an operator's UPDATE there wins).
         self.max_running = max_running
-        #: A plain ``process`` of an executor="process" kind, as declared: what the
-        #: worker processes call.
-        self.plain_process: Callable[[TaskContext], JSON] | None = None
+        #: The plain handlers of an executor="process" kind, as declared, by name
+        #: (prepare, process, on_finished): what the worker processes call.
+        self.plain_handlers: dict[str, Callable[[Any], Any]] = {}
         # As declared, made async (plain ones run in threads: herder.kinds.plain).
         self._prepare: Callable[[JobContext], AsyncIterator[JSON]] | None = None
         self._process: Callable[[TaskContext], Awaitable[JSON]] | None = None
@@ -220,27 +220,47 @@ class Kind:
         _REGISTRY[name] = self
 
     def prepare(self, fn: _Prepare) -> _Prepare:
-        self._prepare = plain.as_async_iterator(fn)
+        if self._in_processes(fn, "prepare", required=False):
+            from herder.kinds import processes  # it imports this module
+
+            self._prepare = functools.partial(processes.prepare, self.name)
+        else:
+            self._prepare = plain.as_async_iterator(fn)
         return fn
 
     def process(self, fn: _Process) -> _Process:
-        if self.executor == "process":
-            if plain.is_async(fn):
-                raise KindError(
-                    f"kind {self.name!r}: executor='process' runs plain functions, and "
-                    f"{getattr(fn, '__name__', fn)!r} is async"
-                )
-            from herder.kinds import processes  # it imports this module
+        if self._in_processes(fn, "process", required=True):
+            from herder.kinds import processes
 
-            self.plain_process = fn
             self._process = functools.partial(processes.run, self.name)
         else:
             self._process = plain.as_async(fn, executor=True)
         return fn
 
     def on_finished(self, fn: _Finished) -> _Finished:
-        self._on_finished = plain.as_async(fn)
+        if self._in_processes(fn, "on_finished", required=False):
+            from herder.kinds import processes
+
+            self._on_finished = functools.partial(processes.on_finished, self.name)
+        else:
+            self._on_finished = plain.as_async(fn)
         return fn
+
+    def _in_processes(self, fn: Callable[..., Any], handler: str, *, required: bool) -> bool:
+        """Whether ``fn`` runs in worker processes: a plain handler of an
+        executor="process" kind (an async prepare or on_finished stays on the event
+        loop; an async process is refused, since it is what the executor is for)."""
+        if self.executor != "process":
+            return False
+        if plain.is_async(fn):
+            if required:
+                raise KindError(
+                    f"kind {self.name!r}: executor='process' runs plain functions, and "
+                    f"{getattr(fn, '__name__', fn)!r} is async"
+                )
+            return False
+        self.plain_handlers[handler] = fn
+        return True
 
     @property
     def prepare_fn(self) -> Callable[[JobContext], AsyncIterator[JSON]]:

@@ -12,19 +12,34 @@ task only, retried like a lost worker's.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import pickle
 import traceback
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, fields
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 import anyio.to_thread
 
-from herder.kinds import JSON, KIND_CODE_ERRORS, TaskContext, get_kind, load_app, message_of
+from herder.kinds import (
+    JSON,
+    KIND_CODE_ERRORS,
+    FinishedJob,
+    JobContext,
+    TaskContext,
+    get_kind,
+    load_app,
+    message_of,
+)
+from herder.kinds.plain import _next_chunk
+
+if TYPE_CHECKING:
+    from herder.db import Pool
 
 #: Seconds a killed or retired process is given to go before it is killed outright.
 EXIT_GRACE = 2.0
@@ -50,17 +65,46 @@ class _Pool:
         self._idle: list[_Worker] = []
         self._all: set[_Worker] = set()
 
-    async def run(self, kind: str, context: TaskContext) -> JSON:
+    async def call(self, op: str, kind: str, context: Any) -> Any:
+        """Run a kind's plain ``op`` handler (process, on_finished) in a worker process."""
+        async with self._worker() as worker:
+            worker.conn.send((op, kind, _plain_data(context)))
+            status, value = await _receive(worker)
+        if status == "raised":
+            raise value
+        return value
+
+    async def iterate(self, kind: str, context: Any) -> AsyncIterator[Any]:
+        """A kind's plain prepare, run in a worker process, its payloads sent back a
+        chunk at a time (the pipe's buffer holds the process back while the daemon
+        writes what it has)."""
+        async with self._worker() as worker:
+            worker.conn.send(("prepare", kind, _plain_data(context)))
+            while True:
+                status, value = await _receive(worker)
+                if status == "raised":
+                    raise value
+                if status == "done":
+                    return
+                for payload in value:
+                    yield payload
+
+    @contextlib.asynccontextmanager
+    async def _worker(self) -> AsyncIterator[_Worker]:
+        """An idle worker process (or a new one), back to the idle ones when what ran in
+        it ended as it should; killed otherwise (a timeout, a cancel, a prepare closed
+        early, a death)."""
         worker = self._idle.pop() if self._idle else await self._start()
         healthy = False
         try:
-            data = {f.name: getattr(context, f.name) for f in fields(context) if f.name != "pool"}
-            worker.conn.send((kind, data))
-            status, value = await anyio.to_thread.run_sync(worker.conn.recv, abandon_on_cancel=True)
+            yield worker
             healthy = True
         except (EOFError, OSError) as exc:
             code = await _reap(worker.process)
             raise ProcessDied(f"the handler's process died (exit code {code})") from exc
+        except Exception:
+            healthy = True  # the handler raised, and said so: the process is fine
+            raise
         finally:
             if healthy:
                 self._idle.append(worker)
@@ -68,9 +112,6 @@ class _Pool:
                 self._all.discard(worker)
                 with anyio.CancelScope(shield=True):
                     await _reap(worker.process)
-        if status == "raised":
-            raise value
-        return value
 
     async def _start(self) -> _Worker:
         spawn = multiprocessing.get_context("spawn")
@@ -104,7 +145,27 @@ def configure(apps: list[str]) -> None:
 
 
 async def run(kind: str, context: TaskContext) -> JSON:
-    return await _pool.run(kind, context)
+    return await _pool.call("process", kind, context)
+
+
+async def on_finished(kind: str, job: FinishedJob) -> None:
+    await _pool.call("on_finished", kind, job)
+
+
+def prepare(kind: str, context: JobContext) -> AsyncIterator[JSON]:
+    return _pool.iterate(kind, context)
+
+
+def _plain_data(context: Any) -> dict[str, Any]:
+    """A context as plain data: everything but the daemon's pool."""
+    return {f.name: getattr(context, f.name) for f in fields(context) if f.name != "pool"}
+
+
+async def _receive(worker: _Worker) -> tuple[str, Any]:
+    reply: tuple[str, Any] = await anyio.to_thread.run_sync(
+        worker.conn.recv, abandon_on_cancel=True
+    )
+    return reply
 
 
 def close() -> None:
@@ -128,36 +189,58 @@ class _NoPool:
         )
 
 
+#: What a handler in a worker process gets for its context's pool.
+NO_POOL = cast("Pool", _NoPool())
+
+
 def _serve(conn: Connection, apps: list[str]) -> None:
     """A worker process: run the tasks sent to it, one at a time, until the pipe closes."""
     for module in apps:
         load_app(module)
     while True:
         try:
-            kind_name, data = conn.recv()
+            op, kind_name, data = conn.recv()
         except EOFError:
             return
-        conn.send(_run_one(kind_name, data))
-
-
-def _run_one(kind_name: str, data: dict[str, Any]) -> tuple[str, Any]:
-    kind = get_kind(kind_name)
-    if kind is None or kind.plain_process is None:
-        return "raised", RuntimeError(
-            f"kind {kind_name!r} is not declared in the worker process: declare it in a "
-            "module the daemon loads with --app"
-        )
-    context = TaskContext(**data, pool=_NoPool())  # type: ignore[arg-type]
-    try:
-        value = kind.plain_process(context)
-        pickle.dumps(value)
-        return "returned", value
-    except KIND_CODE_ERRORS as exc:
-        exc.add_note(f"in worker process {os.getpid()}:\n{traceback.format_exc()}")
         try:
-            pickle.dumps(exc)
-            return "raised", exc
-        except Exception:
-            stand_in = RuntimeError(f"{type(exc).__name__}: {message_of(exc)}")
-            stand_in.add_note(f"in worker process {os.getpid()}:\n{traceback.format_exc()}")
-            return "raised", stand_in
+            handler = _plain_handler(op, kind_name)
+            if op == "prepare":
+                iterator = iter(handler(JobContext(**data, pool=NO_POOL)))
+                while True:
+                    chunk, done = _next_chunk(iterator)
+                    pickle.dumps(chunk)
+                    conn.send(("items", chunk))
+                    if done:
+                        break
+                conn.send(("done", None))
+            else:
+                context = (TaskContext if op == "process" else FinishedJob)(**data, pool=NO_POOL)
+                value = handler(context)
+                pickle.dumps(value)
+                conn.send(("returned", value))
+        except KIND_CODE_ERRORS as exc:
+            conn.send(("raised", _sendable(exc)))
+
+
+def _plain_handler(op: str, kind_name: str) -> Callable[[Any], Any]:
+    kind = get_kind(kind_name)
+    handler = None if kind is None else kind.plain_handlers.get(op)
+    if handler is None:
+        raise RuntimeError(
+            f"kind {kind_name!r} has no plain {op} declared in the worker process: declare "
+            "it in a module the daemon loads with --app"
+        )
+    return handler
+
+
+def _sendable(exc: BaseException) -> BaseException:
+    """The exception, with the worker's traceback as a note, or a stand-in that can be
+    pickled."""
+    exc.add_note(f"in worker process {os.getpid()}:\n{traceback.format_exc()}")
+    try:
+        pickle.dumps(exc)
+        return exc
+    except Exception:
+        stand_in = RuntimeError(f"{type(exc).__name__}: {message_of(exc)}")
+        stand_in.add_note(f"in worker process {os.getpid()}:\n{traceback.format_exc()}")
+        return stand_in
