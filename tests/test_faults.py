@@ -274,7 +274,8 @@ class Scenario:
 
         @gate.process
         async def process(task: herder.TaskContext) -> herder.JSON:
-            await self._hold("renew_task_leases", at_least=0, at_most=0.8)
+            # The sweep asks about held tasks' jobs only while some are held.
+            await self._hold("renew_task_leases", "jobs_not_running", at_least=0, at_most=0.8)
             return None
 
         @gate.on_finished
@@ -308,21 +309,21 @@ class Scenario:
     async def _count(self, job: herder.FinishedJob) -> None:
         self.hooks[job.id] += 1
 
-    async def _hold(self, renewal: str, *, at_least: float, at_most: float) -> None:
-        """Wait until the fault fired, or (after ``at_least`` seconds) until the heartbeat
-        ran ``renewal`` (it runs only while something is held, so: while this is)."""
+    async def _hold(self, *renewals: str, at_least: float, at_most: float) -> None:
+        """Wait until the fault fired, or (after ``at_least`` seconds) until the daemon
+        ran each of ``renewals`` (they run only while something is held, so: while this
+        is)."""
         faulty = self.faulty
         if faulty is None:
             return
-        before = faulty.injector.completed[renewal]
+        before = {name: faulty.injector.completed[name] for name in renewals}
         started = time.monotonic()
 
         async def released() -> bool:
             if faulty.fired:
                 return True
-            return (
-                time.monotonic() - started >= at_least
-                and faulty.injector.completed[renewal] > before
+            return time.monotonic() - started >= at_least and all(
+                faulty.injector.completed[name] > count for name, count in before.items()
             )
 
         with anyio.move_on_after(at_most):
