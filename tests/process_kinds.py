@@ -64,3 +64,18 @@ def process_in_process(task: herder.TaskContext) -> herder.JSON:
 @whole.on_finished
 def finished_in_process(job: herder.FinishedJob) -> None:
     Path(job.payload["hook_file"]).write_text(f"{job.status} {os.getpid()}")
+
+
+class TwoPartError(Exception):
+    """Pickles, but does not unpickle: its __init__ needs two arguments."""
+
+    def __init__(self, part: str, other: str) -> None:
+        super().__init__(f"{part} and {other}")
+
+
+awkward = herder.Kind("test-awkward-exception", executor="process", max_attempts=1)
+
+
+@awkward.process
+def raise_awkwardly(task: herder.TaskContext) -> herder.JSON:
+    raise TwoPartError("report 7", "its lesion sizes")

@@ -243,3 +243,15 @@ async def test_a_process_kind_prepares_and_hooks_in_worker_processes_too(
     status, hook_pid = hook_file.read_text().split()
     assert status == "SUCCESS"
     assert os.getpid() not in pids | {int(hook_pid)}
+
+
+async def test_an_exception_that_cannot_cross_back_arrives_as_a_stand_in(
+    db_url: str, conn: db.Connection
+) -> None:
+    """An exception that pickles but cannot be unpickled (required __init__ arguments)
+    fails its task under its own name and message, not as an unpickling error."""
+    async with running_daemon(db_url, apps=PROCESS_KINDS):
+        job = await wait_finished(conn, await submit(conn, "test-awkward-exception", {}))
+    [task] = await tasks_of(conn, job["id"])
+    assert task["status"] == "FAILURE"
+    assert task["message"] == "TwoPartError: report 7 and its lesion sizes"

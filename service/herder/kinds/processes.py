@@ -234,13 +234,19 @@ def _plain_handler(op: str, kind_name: str) -> Callable[[Any], Any]:
 
 
 def _sendable(exc: BaseException) -> BaseException:
-    """The exception, with the worker's traceback as a note, or a stand-in that can be
-    pickled."""
-    exc.add_note(f"in worker process {os.getpid()}:\n{traceback.format_exc()}")
+    """The exception, with the worker's traceback as a note, or a stand-in: one that
+    cannot be pickled, or not unpickled (an __init__ with required arguments other than
+    the message), would fail in the daemon under a misleading name."""
+    where = f"in worker process {os.getpid()}:\n"
     try:
-        pickle.dumps(exc)
+        where += traceback.format_exc()
+    except Exception:  # a hostile exception can break the formatting too
+        where += "(the traceback could not be formatted)"
+    try:
+        exc.add_note(where)
+        pickle.loads(pickle.dumps(exc))
         return exc
     except Exception:
         stand_in = RuntimeError(f"{type(exc).__name__}: {message_of(exc)}")
-        stand_in.add_note(f"in worker process {os.getpid()}:\n{traceback.format_exc()}")
+        stand_in.add_note(where)
         return stand_in
